@@ -347,21 +347,21 @@ class FusedAdapterLinear(nn.Module):
         return w1, w2
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
-        """The dense delta in the base weight's layout ([out, in], or [in, out] for Conv1D). For merging only."""
+        """The dense delta in the base weight's layout ([out, in], or [in, out] for Conv1D). For merging only.
+
+        Computed in at least fp32 (as PEFT does on CPU for fp16/bf16 weights).
+        """
         kind = self.adapter_types[name]
         s = self.scaling[name]
         if kind == "lokr":
-            w1, w2 = self.lokr_factors(name)
-            delta = torch.kron(w1.float(), w2.float()) * s
+            w1, w2 = (_upcast(t) for t in self.lokr_factors(name))
+            delta = torch.kron(w1, w2) * s
         elif kind == "loha":
-            p = self.adapter_params(name)
-            delta = (p["hada_w1_a"].float() @ p["hada_w1_b"].float()) * (
-                p["hada_w2_a"].float() @ p["hada_w2_b"].float()
-            )
-            delta = delta * s
+            w1a, w1b, w2a, w2b = (_upcast(self.adapter_params(name)[k]) for k in LOHA_PARAMS)
+            delta = (w1a @ w1b) * (w2a @ w2b) * s
         else:
-            a, b = self.lora_factors(name)
-            delta = (b.float() @ a.float()) * s
+            a, b = (_upcast(t) for t in self.lora_factors(name))
+            delta = (b @ a) * s
         return delta.t() if self.fan_in_fan_out else delta
 
     # -------------------------------------------------------------------------------------------------- merging
@@ -556,6 +556,10 @@ class FusedAdapterLinear(nn.Module):
     def extra_repr(self) -> str:
         kinds = ", ".join(f"{n}:{k}" for n, k in self.adapter_types.items())
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{kinds}]"
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _tokens_per_sample(x: torch.Tensor, rows: list[list[str]] | None) -> int:
