@@ -1,0 +1,79 @@
+// Explicit instantiations and host launch functions of the BGMV (decode) kernels for fp32, fp16 and bf16.
+// Framework-free: compiles standalone with nvcc (tools/compile_cuda.sh).
+#include "peft_kernels/bgmv.cuh"
+
+namespace peft_kernels {
+namespace {
+
+constexpr int kShrinkRB = 4;         // rank rows per block
+constexpr int kShrinkThreads = 128;  // K is split across these threads (and across grid.z chunks)
+constexpr int kExpandThreads = 128;  // output columns per block
+
+template <typename T>
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+template <typename T>
+cudaError_t launch_shrink(const LoraShrinkArgs& args, cudaStream_t stream) {
+  const int64_t num_pairs = static_cast<int64_t>(args.M) * args.P;
+  if (num_pairs == 0 || args.R == 0) return cudaSuccess;
+  constexpr int kVec = VecWidth<T>::value;
+  const bool vec = aligned16<T>(args.x) && aligned16<T>(args.a) && args.K % kVec == 0 && args.x_stride % kVec == 0 &&
+                   args.a_slot_stride % kVec == 0 && args.a_row_stride % kVec == 0 && args.k_chunk % kVec == 0;
+  const dim3 grid(static_cast<unsigned>(num_pairs), static_cast<unsigned>(ceil_div(args.R, kShrinkRB)),
+                  static_cast<unsigned>(args.ksplit));
+  if (vec)
+    bgmv_shrink_kernel<T, kShrinkRB, kShrinkThreads, true><<<grid, kShrinkThreads, 0, stream>>>(args);
+  else
+    bgmv_shrink_kernel<T, kShrinkRB, kShrinkThreads, false><<<grid, kShrinkThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_expand(const LoraExpandArgs& args, cudaStream_t stream) {
+  if (args.M == 0 || args.P == 0 || args.N == 0 || args.R == 0) return cudaSuccess;
+  if (args.R > kMaxLoraRank) return cudaErrorInvalidValue;
+  constexpr int kVec = VecWidth<T>::value;
+  const bool vec = aligned16<T>(args.b) && args.b_slot_stride % kVec == 0 && args.b_row_stride % kVec == 0;
+  const dim3 grid(static_cast<unsigned>(ceil_div(args.N, kExpandThreads)), static_cast<unsigned>(args.M));
+  const size_t smem = static_cast<size_t>(args.R) * sizeof(float);
+  if (vec) {
+    auto kernel = bgmv_expand_kernel<T, kExpandThreads, true>;
+    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    kernel<<<grid, kExpandThreads, smem, stream>>>(args);
+  } else {
+    auto kernel = bgmv_expand_kernel<T, kExpandThreads, false>;
+    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    kernel<<<grid, kExpandThreads, smem, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t bgmv_shrink(DType dtype, const LoraShrinkArgs& args, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_shrink<float>(args, stream);
+    case DType::kFloat16:
+      return launch_shrink<__half>(args, stream);
+    case DType::kBFloat16:
+      return launch_shrink<__nv_bfloat16>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t bgmv_expand(DType dtype, const LoraExpandArgs& args, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_expand<float>(args, stream);
+    case DType::kFloat16:
+      return launch_expand<__half>(args, stream);
+    case DType::kBFloat16:
+      return launch_expand<__nv_bfloat16>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace peft_kernels
