@@ -7,7 +7,8 @@ namespace {
 
 constexpr int kShrinkRB = 4;         // rank rows per block
 constexpr int kShrinkThreads = 128;  // K is split across these threads (and across grid.z chunks)
-constexpr int kExpandThreads = 128;  // output columns per block
+constexpr int kExpandThreads = 128;    // output columns per block
+constexpr int kExpandRankChunk = 256;  // ranks staged in smem at a time
 
 template <typename T>
 bool aligned16(const void* p) {
@@ -33,20 +34,13 @@ cudaError_t launch_shrink(const LoraShrinkArgs& args, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_expand(const LoraExpandArgs& args, cudaStream_t stream) {
   if (args.M == 0 || args.P == 0 || args.N == 0 || args.R == 0) return cudaSuccess;
-  if (args.R > kMaxLoraRank) return cudaErrorInvalidValue;
   constexpr int kVec = VecWidth<T>::value;
   const bool vec = aligned16<T>(args.b) && args.b_slot_stride % kVec == 0 && args.b_row_stride % kVec == 0;
   const dim3 grid(static_cast<unsigned>(ceil_div(args.N, kExpandThreads)), static_cast<unsigned>(args.M));
-  const size_t smem = static_cast<size_t>(args.R) * sizeof(float);
-  if (vec) {
-    auto kernel = bgmv_expand_kernel<T, kExpandThreads, true>;
-    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    kernel<<<grid, kExpandThreads, smem, stream>>>(args);
-  } else {
-    auto kernel = bgmv_expand_kernel<T, kExpandThreads, false>;
-    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    kernel<<<grid, kExpandThreads, smem, stream>>>(args);
-  }
+  if (vec)
+    bgmv_expand_kernel<T, kExpandThreads, kExpandRankChunk, true><<<grid, kExpandThreads, 0, stream>>>(args);
+  else
+    bgmv_expand_kernel<T, kExpandThreads, kExpandRankChunk, false><<<grid, kExpandThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 

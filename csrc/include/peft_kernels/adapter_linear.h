@@ -60,8 +60,6 @@ struct LoraExpandArgs {
 constexpr int kSgmvTileM = 32;
 // Below this many rows the launcher takes the BGMV (per-row GEMV) path, at or above it the SGMV (segmented) path.
 constexpr int kBgmvMaxRows = 32;
-// The BGMV expand keeps one position's fp32 shrink result (R floats) in shared memory.
-constexpr int kMaxLoraRank = 8192;
 
 // Decode: grid (M * P, ceil(R / 4), ksplit) shrink; grid (ceil(N / 128), M) expand summing all P positions.
 cudaError_t bgmv_shrink(DType dtype, const LoraShrinkArgs& args, cudaStream_t stream);

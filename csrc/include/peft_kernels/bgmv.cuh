@@ -90,15 +90,17 @@ __global__ void __launch_bounds__(THREADS) bgmv_shrink_kernel(const LoraShrinkAr
   }
 }
 
-// Per-row expand. grid (ceil(N / THREADS), M), block THREADS, dynamic smem R floats. Each thread owns one output
-// column n and sums every position of its row; one read-modify-write of y per row, none for rows without adapters
-// (their base output stays bitwise untouched).
-template <typename T, int THREADS, bool VEC>
-__global__ void __launch_bounds__(THREADS) bgmv_expand_kernel(const LoraExpandArgs args) {
-  extern __shared__ float sbuf[];  // [R]: scale * shrink result of the current position
+// Per-row expand. grid (ceil(N / THREADS), M), block THREADS. Each thread owns one output column n and sums every
+// position of its row; one read-modify-write of y per row, none for rows without adapters (their base output stays
+// bitwise untouched). The shrink result (scale * sum of split-K partials) is staged in smem, RCHUNK ranks at a time.
+// No __launch_bounds__: with it ptxas caps this kernel at 32 registers (full occupancy at 128 threads) and spills.
+template <typename T, int THREADS, int RCHUNK, bool VEC>
+__global__ void bgmv_expand_kernel(const LoraExpandArgs args) {
+  __shared__ float sbuf[RCHUNK];
   const int m = blockIdx.y;
   const int n = blockIdx.x * THREADS + threadIdx.x;
   const int64_t num_pairs = static_cast<int64_t>(args.M) * args.P;
+  const T* __restrict__ brow = nullptr;
   float acc = 0.f;
   bool any = false;
   for (int p = 0; p < args.P; ++p) {
@@ -106,32 +108,35 @@ __global__ void __launch_bounds__(THREADS) bgmv_expand_kernel(const LoraExpandAr
     const int slot = args.ids[e];  // uniform over the block
     if (slot < 0) continue;
     const int rank = clamp_rank(args.ranks[slot], args.R);
-    if (rank == 0) continue;
     any = true;
     const float s = args.scale[slot];
-    __syncthreads();  // the previous position's sbuf is consumed
-    for (int r = threadIdx.x; r < rank; r += THREADS) {
-      float v = 0.f;
-      for (int z = 0; z < args.ksplit; ++z) v += args.part[(z * num_pairs + e) * args.R + r];
-      sbuf[r] = s * v;
-    }
-    __syncthreads();
-    if (n < args.N) {
-      const T* __restrict__ brow = static_cast<const T*>(args.b) + static_cast<int64_t>(slot) * args.b_slot_stride +
-                                   static_cast<int64_t>(n) * args.b_row_stride;
-      float dot = 0.f;
-      int r = 0;
-      if constexpr (VEC) {
-        constexpr int kVec = VecWidth<T>::value;
-        for (; r + kVec <= rank; r += kVec) {
-          float bv[kVec];
-          load_vec_f32(brow + r, bv);
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) dot = fmaf(sbuf[r + j], bv[j], dot);
-        }
+    if (n < args.N)
+      brow = static_cast<const T*>(args.b) + static_cast<int64_t>(slot) * args.b_slot_stride +
+             static_cast<int64_t>(n) * args.b_row_stride;
+    for (int r0 = 0; r0 < rank; r0 += RCHUNK) {
+      const int len = min(RCHUNK, rank - r0);
+      __syncthreads();  // the previous chunk of sbuf is consumed
+      for (int r = threadIdx.x; r < len; r += THREADS) {
+        float v = 0.f;
+        for (int z = 0; z < args.ksplit; ++z) v += args.part[(z * num_pairs + e) * args.R + r0 + r];
+        sbuf[r] = s * v;
       }
-      for (; r < rank; ++r) dot = fmaf(sbuf[r], to_float(brow[r]), dot);
-      acc += dot;
+      __syncthreads();
+      if (n < args.N) {
+        float dot = 0.f;
+        int r = 0;
+        if constexpr (VEC) {
+          constexpr int kVec = VecWidth<T>::value;
+          for (; r + kVec <= len; r += kVec) {  // r0 is a multiple of RCHUNK, itself a multiple of kVec
+            float bv[kVec];
+            load_vec_f32(brow + r0 + r, bv);
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) dot = fmaf(sbuf[r + j], bv[j], dot);
+          }
+        }
+        for (; r < len; ++r) dot = fmaf(sbuf[r], to_float(brow[r0 + r]), dot);
+        acc += dot;
+      }
     }
   }
   if (any && n < args.N) {
