@@ -1,0 +1,279 @@
+// CPU implementation of peft_kernels::adapter_linear (spec: peft_kernels/ops/reference.py::adapter_linear).
+//
+//   1. Validate shapes, dtypes and every slot id before any compute (ids outside [-1, S) raise IndexError).
+//   2. Base: at::linear(x, weight, bias), the very call F.linear makes (MKL / oneDNN; any weight strides), so rows
+//      without an adapter are bitwise equal to the bare layer.
+//   3. LoRA bank: counting sort of the (row, slot) pairs by slot, then the segmented shrink and expand kernels of
+//      lora_kernels.h over each slot's true rank, parallel over independent work items (at::parallel_for).
+//      X is read in place through the pair -> row index: no gather, no per-adapter copy.
+//   4. LoKr bank: per used slot, the two small matmuls of the cheaper association order on that slot's rows.
+// fp16/bf16 inputs with any adapter: base and deltas in fp32 (weights widened), rounded to x.dtype once at the end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/lora_kernels.h"
+#include "ops.h"
+
+namespace peft_kernels {
+namespace {
+
+constexpr const char* kOp = "adapter_linear";
+
+// Raise unless every id is in [-1, num_slots); -1 means "no adapter at this position" and is never an index.
+void check_ids(const at::Tensor& ids, int64_t num_slots, const char* what) {
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt, kOp, ": ", what, ": slot ids must be int32, got ",
+                   ids.scalar_type());
+  if (ids.numel() == 0) return;
+  const at::Tensor c = ids.contiguous();
+  const int32_t* p = c.const_data_ptr<int32_t>();
+  int32_t lo = p[0], hi = p[0];
+  for (int64_t i = 1; i < c.numel(); ++i) {
+    lo = std::min(lo, p[i]);
+    hi = std::max(hi, p[i]);
+  }
+  const int64_t bad = lo < -1 ? lo : hi;
+  TORCH_CHECK_INDEX(lo >= -1 && hi < num_slots, kOp, ": ", what, ": slot id ", bad, " is out of range for a bank of ",
+                    num_slots, " slot(s) (-1 means base only)");
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& lora_scale,
+                const at::Tensor& lora_rank, const at::Tensor& lora_ids, const at::Tensor& lokr_w1,
+                const at::Tensor& lokr_w2, const at::Tensor& lokr_scale, const at::Tensor& lokr_ids) {
+  const at::Tensor* all[] = {&x,         &weight,   &lora_a,  &lora_b,  &lora_scale, &lora_rank,
+                             &lora_ids,  &lokr_w1,  &lokr_w2, &lokr_scale, &lokr_ids};
+  for (const at::Tensor* t : all) TORCH_CHECK(t->device().is_cpu(), kOp, " (cpu): every tensor must be on the CPU");
+  if (bias.has_value()) TORCH_CHECK(bias->device().is_cpu(), kOp, " (cpu): every tensor must be on the CPU");
+  const auto xt = x.scalar_type();
+  TORCH_CHECK_TYPE(xt == at::kFloat || xt == at::kDouble || xt == at::kBFloat16 || xt == at::kHalf, kOp,
+                   ": x must be float32, float64, bfloat16 or float16, got ", xt);
+  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2, kOp, ": x must be [M, in] and weight [out, in], got ",
+                    x.sizes(), " and ", weight.sizes());
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK_VALUE(weight.size(1) == k, kOp, ": x has ", k, " features but weight is ", weight.sizes(),
+                    " ([out, in])");
+  if (bias.has_value())
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, kOp, ": bias must be [", n, "], got ", bias->sizes());
+  const int64_t s = lora_a.dim() == 3 ? lora_a.size(0) : -1;
+  TORCH_CHECK_VALUE(lora_a.dim() == 3 && lora_b.dim() == 3 && lora_b.size(0) == s, kOp,
+                    ": lora_a must be [S, R, in] and lora_b [S, out, R], got ", lora_a.sizes(), ", ", lora_b.sizes());
+  if (s > 0)
+    TORCH_CHECK_VALUE(lora_a.size(2) == k && lora_b.size(1) == n && lora_b.size(2) == lora_a.size(1), kOp,
+                      ": LoRA bank shapes A ", lora_a.sizes(), " / B ", lora_b.sizes(), " do not fit a layer of in=",
+                      k, ", out=", n);
+  TORCH_CHECK_VALUE(lora_scale.dim() == 1 && lora_scale.size(0) == s && lora_rank.dim() == 1 &&
+                        lora_rank.size(0) == s,
+                    kOp, ": lora_scale and lora_rank must be [", s, "], got ", lora_scale.sizes(), ", ",
+                    lora_rank.sizes());
+  TORCH_CHECK_VALUE(lora_ids.dim() == 2 && lora_ids.size(0) == m, kOp, ": lora_ids must be [M=", m, ", P], got ",
+                    lora_ids.sizes());
+  const int64_t t = lokr_w1.dim() == 3 ? lokr_w1.size(0) : -1;
+  TORCH_CHECK_VALUE(lokr_w1.dim() == 3 && lokr_w2.dim() == 3 && lokr_w2.size(0) == t, kOp,
+                    ": lokr_w1 must be [T, a, b] and lokr_w2 [T, c, d], got ", lokr_w1.sizes(), ", ",
+                    lokr_w2.sizes());
+  if (t > 0) {
+    const int64_t a = lokr_w1.size(1), b = lokr_w1.size(2), c = lokr_w2.size(1), d = lokr_w2.size(2);
+    TORCH_CHECK_VALUE(a * c == n && b * d == k, kOp, ": LoKr factors w1 ", a, "x", b, " and w2 ", c, "x", d,
+                      " give a ", a * c, "x", b * d, " delta, the layer is ", n, "x", k);
+  }
+  TORCH_CHECK_VALUE(lokr_scale.dim() == 1 && lokr_scale.size(0) == t, kOp, ": lokr_scale must be [", t, "], got ",
+                    lokr_scale.sizes());
+  TORCH_CHECK_VALUE(lokr_ids.dim() == 2 && lokr_ids.size(0) == m, kOp, ": lokr_ids must be [M=", m, ", Q], got ",
+                    lokr_ids.sizes());
+  check_ids(lora_ids, s, "lora_ids");
+  check_ids(lokr_ids, t, "lokr_ids");
+  if (s > 0) {
+    TORCH_CHECK_TYPE(!at::isFloatingType(lora_rank.scalar_type()), kOp, ": lora_rank must be an integer tensor");
+    const at::Tensor r = lora_rank.to(at::kLong).contiguous();
+    const int64_t rmax = lora_a.size(1);
+    for (int64_t i = 0; i < s; ++i) {
+      const int64_t ri = r.const_data_ptr<int64_t>()[i];
+      TORCH_CHECK_VALUE(ri >= 0 && ri <= rmax, kOp, ": lora_rank[", i, "] = ", ri,
+                        " is outside [0, R] for a bank of R = ", rmax);
+    }
+  }
+}
+
+// Pairs (row, slot) of ids [M, P] grouped by slot (counting sort; rows ascending within a slot). A slot named twice
+// on a row gives two pairs, so its delta is added twice. Only slots with at least one pair get a segment.
+struct Segments {
+  std::vector<int32_t> slot;   // [G]
+  std::vector<int64_t> begin;  // [G + 1]
+  std::vector<int32_t> row;    // [pairs]
+  int64_t size() const { return static_cast<int64_t>(slot.size()); }
+  int64_t pairs() const { return static_cast<int64_t>(row.size()); }
+};
+
+Segments group_by_slot(const at::Tensor& ids, int64_t num_slots) {
+  Segments g;
+  g.begin.push_back(0);
+  if (ids.numel() == 0 || num_slots == 0) return g;
+  const at::Tensor c = ids.contiguous();
+  const int32_t* p = c.const_data_ptr<int32_t>();
+  const int64_t m = c.size(0), per_row = c.size(1);
+  std::vector<int64_t> count(num_slots, 0);
+  for (int64_t i = 0; i < m * per_row; ++i)
+    if (p[i] >= 0) ++count[p[i]];
+  std::vector<int64_t> pos(num_slots, 0);
+  for (int64_t s = 0; s < num_slots; ++s) {
+    if (count[s] == 0) continue;
+    pos[s] = g.begin.back();
+    g.slot.push_back(static_cast<int32_t>(s));
+    g.begin.push_back(g.begin.back() + count[s]);
+  }
+  g.row.resize(g.begin.back());
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t q = 0; q < per_row; ++q) {
+      const int32_t s = p[r * per_row + q];
+      if (s >= 0) g.row[pos[s]++] = static_cast<int32_t>(r);
+    }
+  return g;
+}
+
+template <typename W>
+const W* data_as(const at::Tensor& t) {
+  return reinterpret_cast<const W*>(t.const_data_ptr());
+}
+
+// The LoRA / packed-LoHa deltas of every pair in `seg`, added into acc [M, N] (contiguous, compute type).
+template <typename W, typename Acc>
+void lora_deltas(const at::Tensor& xc, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                 const at::Tensor& rank, const Segments& seg, at::Tensor& acc) {
+  const int64_t K = a.size(2), N = b.size(1), R = a.size(1);
+  const int64_t G = seg.size();
+  std::vector<int64_t> seg_rank(G);
+  std::vector<Acc> seg_scale(G);
+  const at::Tensor rank64 = rank.to(at::kLong).contiguous();
+  const at::Tensor scale64 = scale.to(at::kDouble).contiguous();
+  for (int64_t i = 0; i < G; ++i) {
+    seg_rank[i] = rank64.const_data_ptr<int64_t>()[seg.slot[i]];
+    seg_scale[i] = static_cast<Acc>(scale64.const_data_ptr<double>()[seg.slot[i]]);
+  }
+  // Shrink work items: blocks of <= 4 pairs; when a segment has few blocks, its ranks are split too, so a decode
+  // step (one row, one adapter) still spreads the read of A over every thread.
+  const int64_t threads = at::get_num_threads();
+  std::vector<cpu::ShrinkItem> items;
+  for (int64_t i = 0; i < G; ++i) {
+    const int64_t r = seg_rank[i];
+    if (r == 0) continue;
+    const int64_t p0 = seg.begin[i], p1 = seg.begin[i + 1];
+    const int64_t blocks = (p1 - p0 + 3) / 4;
+    const int64_t chunk = blocks >= 2 * threads ? r : std::min<int64_t>(r, 8);
+    for (int64_t q = p0; q < p1; q += 4)
+      for (int64_t j = 0; j < r; j += chunk)
+        items.push_back({static_cast<int32_t>(i), static_cast<int32_t>(q), static_cast<int32_t>(std::min(q + 4, p1)),
+                         static_cast<int32_t>(j), static_cast<int32_t>(std::min(j + chunk, r))});
+  }
+  if (items.empty()) return;
+  at::Tensor t = at::empty({seg.pairs(), R}, xc.options());
+  cpu::LoraArgs<W, Acc> g{};
+  g.x = xc.const_data_ptr<Acc>();
+  g.ldx = xc.stride(0);
+  g.a = data_as<W>(a);
+  g.b = data_as<W>(b);
+  g.K = K;
+  g.N = N;
+  g.R = R;
+  g.num_segments = G;
+  g.seg_slot = seg.slot.data();
+  g.seg_begin = seg.begin.data();
+  g.seg_rank = seg_rank.data();
+  g.seg_scale = seg_scale.data();
+  g.pair_row = seg.row.data();
+  g.t = t.mutable_data_ptr<Acc>();
+  g.y = acc.mutable_data_ptr<Acc>();
+  g.ldy = acc.stride(0);
+  const bool avx2 = cpu::use_avx2();
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    if (avx2)
+      cpu::avx2::lora_shrink(g, items.data(), begin, end);
+    else
+      cpu::base::lora_shrink(g, items.data(), begin, end);
+  });
+  const int64_t ob = cpu::expand_block<Acc>();
+  at::parallel_for(0, (N + ob - 1) / ob, 1, [&](int64_t begin, int64_t end) {
+    if (avx2)
+      cpu::avx2::lora_expand(g, begin, end);
+    else
+      cpu::base::lora_expand(g, begin, end);
+  });
+}
+
+void lora_part(const at::Tensor& xc, at::Tensor a, at::Tensor b, const at::Tensor& scale, const at::Tensor& rank,
+               const Segments& seg, at::Tensor& acc) {
+  const auto cdt = xc.scalar_type();
+  const auto wt = a.scalar_type();
+  const bool native = b.scalar_type() == wt && (wt == cdt || (cdt == at::kFloat && (wt == at::kBFloat16 ||
+                                                                                     wt == at::kHalf)));
+  if (!native) {
+    a = a.to(cdt);
+    b = b.to(cdt);
+  }
+  a = a.contiguous();
+  b = b.contiguous();
+  switch (a.scalar_type()) {
+    case at::kFloat: lora_deltas<float, float>(xc, a, b, scale, rank, seg, acc); break;
+    case at::kDouble: lora_deltas<double, double>(xc, a, b, scale, rank, seg, acc); break;
+    case at::kBFloat16: lora_deltas<cpu::bf16_t, float>(xc, a, b, scale, rank, seg, acc); break;
+    case at::kHalf: lora_deltas<cpu::fp16_t, float>(xc, a, b, scale, rank, seg, acc); break;
+    default: TORCH_CHECK(false, kOp, ": unsupported LoRA bank dtype ", a.scalar_type());
+  }
+}
+
+// LoKr: per used slot, vec(w1 X w2^T) * scale for X = x[row].reshape(b, d), in the cheaper association order.
+void lokr_part(const at::Tensor& xc, const at::Tensor& w1_bank, const at::Tensor& w2_bank, const at::Tensor& scale,
+               const Segments& seg, at::Tensor& acc) {
+  const auto cdt = xc.scalar_type();
+  const int64_t a = w1_bank.size(1), b = w1_bank.size(2), c = w2_bank.size(1), d = w2_bank.size(2);
+  const at::Tensor scale64 = scale.to(at::kDouble).contiguous();
+  const bool left_first = a * d * (b + c) <= b * c * (d + a);
+  for (int64_t i = 0; i < seg.size(); ++i) {
+    const int64_t slot = seg.slot[i];
+    const int64_t p0 = seg.begin[i], n = seg.begin[i + 1] - p0;
+    const at::Tensor idx = at::empty({n}, at::kLong);
+    int64_t* ip = idx.mutable_data_ptr<int64_t>();
+    for (int64_t q = 0; q < n; ++q) ip[q] = seg.row[p0 + q];
+    const at::Tensor xs = xc.index_select(0, idx).view({n, b, d});
+    const at::Tensor w1 = w1_bank[slot].to(cdt);
+    const at::Tensor w2 = w2_bank[slot].to(cdt);
+    at::Tensor out = left_first ? at::matmul(at::matmul(w1, xs), w2.t()) : at::matmul(w1, at::matmul(xs, w2.t()));
+    out = out.reshape({n, a * c});
+    out.mul_(scale64.const_data_ptr<double>()[slot]);
+    acc.index_add_(0, idx, out);
+  }
+}
+
+}  // namespace
+
+at::Tensor adapter_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& lora_scale,
+                              const at::Tensor& lora_rank, const at::Tensor& lora_ids, const at::Tensor& lokr_w1,
+                              const at::Tensor& lokr_w2, const at::Tensor& lokr_scale, const at::Tensor& lokr_ids) {
+  check_args(x, weight, bias, lora_a, lora_b, lora_scale, lora_rank, lora_ids, lokr_w1, lokr_w2, lokr_scale,
+             lokr_ids);
+  const auto xt = x.scalar_type();
+  const auto cdt = (xt == at::kHalf || xt == at::kBFloat16) ? at::kFloat : xt;
+
+  const Segments lora = group_by_slot(lora_ids, lora_a.size(0));
+  const Segments lokr = group_by_slot(lokr_ids, lokr_w1.size(0));
+  const bool same_dtype = weight.scalar_type() == xt && (!bias.has_value() || bias->scalar_type() == xt);
+  if (lora.pairs() == 0 && lokr.pairs() == 0 && same_dtype) return at::linear(x, weight, bias);  // exactly F.linear
+
+  // Base in the compute type (fp16/bf16 are widened, as in the reference: the base is not rounded before the
+  // deltas are added), then every delta is summed onto it in place.
+  const at::Tensor xc = x.to(cdt).contiguous();
+  at::Tensor acc = at::linear(xc, weight.to(cdt), bias.has_value() ? std::optional<at::Tensor>(bias->to(cdt)) : bias)
+                       .contiguous();
+  if (lora.pairs() > 0) lora_part(xc, lora_a, lora_b, lora_scale, lora_rank, lora, acc);
+  if (lokr.pairs() > 0) lokr_part(xc, lokr_w1, lokr_w2, lokr_scale, lokr, acc);
+  return cdt == xt ? acc : acc.to(xt);
+}
+
+TORCH_LIBRARY_IMPL(peft_kernels, CPU, m) { m.impl("adapter_linear", &adapter_linear_cpu); }
+
+}  // namespace peft_kernels

@@ -1,0 +1,244 @@
+// Definitions of the kernels declared in lora_kernels.h. Included only by lora_kernels_base.cpp and
+// lora_kernels_avx2.cpp, each with PEFT_KERNELS_ISA set to its namespace; everything here has internal linkage or
+// lives in that namespace, so the two builds never share a symbol.
+//
+// Vectors are GCC/Clang vector extensions of 32 bytes (8 floats or 4 doubles): one ymm register under AVX2, two
+// xmm registers on the baseline ISA. fp16/bf16 bank entries are widened to fp32 in registers; all sums are fp32
+// (or fp64 for fp64 inputs).
+#ifndef PEFT_KERNELS_ISA
+#error "define PEFT_KERNELS_ISA before including lora_kernels_impl.h"
+#endif
+
+namespace peft_kernels {
+namespace cpu {
+namespace PEFT_KERNELS_ISA {
+namespace {
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+template <typename Acc>
+struct Vec;
+template <>
+struct Vec<float> {
+  using T = f32x8;
+  static constexpr int N = 8;
+};
+template <>
+struct Vec<double> {
+  using T = f64x4;
+  static constexpr int N = 4;
+};
+
+// ---- scalar and vector loads, widened to the compute type ----
+
+inline float fp16_bits_to_float(uint32_t w) {
+  const uint32_t sign = (w & 0x8000u) << 16;
+  const uint32_t em = (w & 0x7fffu) << 13;
+  uint32_t bits;
+  if ((w & 0x7c00u) == 0x7c00u) {
+    bits = em | 0x7f800000u;  // inf / nan
+  } else {
+    float f;
+    std::memcpy(&f, &em, 4);
+    f *= 0x1p112f;  // rebias the exponent 15 -> 127; exact for subnormal halves too
+    std::memcpy(&bits, &f, 4);
+  }
+  bits |= sign;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+template <typename Acc>
+inline Acc sload(const Acc* p) {
+  return *p;
+}
+template <typename Acc>
+inline Acc sload(const bf16_t* p) {
+  const uint32_t bits = static_cast<uint32_t>(p->bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+template <typename Acc>
+inline Acc sload(const fp16_t* p) {
+  return fp16_bits_to_float(p->bits);
+}
+
+template <typename Acc>
+inline typename Vec<Acc>::T vload(const Acc* p) {
+  typename Vec<Acc>::T v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename Acc>
+inline f32x8 vload(const bf16_t* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  f32x8 v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+template <typename Acc>
+inline f32x8 vload(const fp16_t* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  const u32x8 w = __builtin_convertvector(h, u32x8);
+  const u32x8 sign = (w & 0x8000u) << 16;
+  const u32x8 em = (w & 0x7fffu) << 13;
+  f32x8 f;
+  std::memcpy(&f, &em, sizeof(f));
+  f *= 0x1p112f;
+  u32x8 bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const u32x8 special = (u32x8)((w & 0x7c00u) == 0x7c00u);  // all-ones lanes for inf / nan
+  bits = ((bits & ~special) | ((em | 0x7f800000u) & special)) | sign;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename Acc>
+inline void vstore_acc(Acc* p, typename Vec<Acc>::T v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename Acc>
+inline Acc hsum(typename Vec<Acc>::T v) {
+  Acc s = 0;
+  for (int i = 0; i < Vec<Acc>::N; ++i) s += v[i];
+  return s;
+}
+
+// ---- shrink: out[i][j] += sum_{k in [k0, k1)} x_i[k] * a_j[k] for NR rows and NJ ranks ----
+
+template <int NR, int NJ, typename W, typename Acc>
+inline void dot_tile(const Acc* const* xr, const W* const* ar, int64_t k0, int64_t k1, Acc* out, int64_t ldo) {
+  using V = typename Vec<Acc>::T;
+  constexpr int L = Vec<Acc>::N;
+  V acc[NR][NJ];
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < NJ; ++j) acc[i][j] = V{};
+  int64_t k = k0;
+  for (; k + L <= k1; k += L) {
+    V av[NJ];
+    for (int j = 0; j < NJ; ++j) av[j] = vload<Acc>(ar[j] + k);
+    for (int i = 0; i < NR; ++i) {
+      const V xv = vload<Acc>(xr[i] + k);
+      for (int j = 0; j < NJ; ++j) acc[i][j] += xv * av[j];
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    for (int j = 0; j < NJ; ++j) {
+      Acc s = hsum<Acc>(acc[i][j]);
+      for (int64_t kk = k; kk < k1; ++kk) s += xr[i][kk] * sload<Acc>(ar[j] + kk);
+      out[i * ldo + j] += s;
+    }
+  }
+}
+
+template <int NR, typename W, typename Acc>
+inline void shrink_rows(const Acc* const* xr, const W* a, int64_t K, int64_t j0, int64_t j1, Acc* t, int64_t ldt) {
+  // Acc block of the K loop: NR rows of x plus the NJ rows of A stay in L1 while the ranks are swept.
+  constexpr int64_t KB = 2048 / sizeof(Acc) * 2;
+  constexpr int NJ = NR <= 2 ? 4 : 2;
+  for (int64_t k0 = 0; k0 < K; k0 += KB) {
+    const int64_t k1 = k0 + KB < K ? k0 + KB : K;
+    int64_t j = j0;
+    for (; j + NJ <= j1; j += NJ) {
+      const W* ar[NJ];
+      for (int q = 0; q < NJ; ++q) ar[q] = a + (j + q) * K;
+      dot_tile<NR, NJ>(xr, ar, k0, k1, t + j, ldt);
+    }
+    for (; j < j1; ++j) {
+      const W* ar[1] = {a + j * K};
+      dot_tile<NR, 1>(xr, ar, k0, k1, t + j, ldt);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename W, typename Acc>
+void lora_shrink(const LoraArgs<W, Acc>& g, const ShrinkItem* items, int64_t begin, int64_t end) {
+  for (int64_t it = begin; it < end; ++it) {
+    const ShrinkItem& w = items[it];
+    const int64_t slot = g.seg_slot[w.seg];
+    const W* a = g.a + slot * g.R * g.K;
+    const int nr = w.p1 - w.p0;
+    const Acc* xr[4];
+    for (int i = 0; i < nr; ++i) xr[i] = g.x + static_cast<int64_t>(g.pair_row[w.p0 + i]) * g.ldx;
+    Acc* t = g.t + static_cast<int64_t>(w.p0) * g.R;
+    for (int i = 0; i < nr; ++i)
+      for (int64_t j = w.j0; j < w.j1; ++j) t[i * g.R + j] = 0;
+    switch (nr) {
+      case 1: shrink_rows<1>(xr, a, g.K, w.j0, w.j1, t, g.R); break;
+      case 2: shrink_rows<2>(xr, a, g.K, w.j0, w.j1, t, g.R); break;
+      case 3: shrink_rows<3>(xr, a, g.K, w.j0, w.j1, t, g.R); break;
+      default: shrink_rows<4>(xr, a, g.K, w.j0, w.j1, t, g.R); break;
+    }
+    const Acc scale = g.seg_scale[w.seg];
+    for (int i = 0; i < nr; ++i)
+      for (int64_t j = w.j0; j < w.j1; ++j) t[i * g.R + j] *= scale;
+  }
+}
+
+template <typename W, typename Acc>
+void lora_expand(const LoraArgs<W, Acc>& g, int64_t block_begin, int64_t block_end) {
+  using V = typename Vec<Acc>::T;
+  constexpr int L = Vec<Acc>::N;
+  constexpr int64_t OB = expand_block<Acc>();
+  constexpr int NV = OB / L;
+  // B[slot, o0:o0+OB, :rank] transposed to [rank, OB] in the compute type: the inner loop is then a broadcast FMA
+  // over OB contiguous columns, with the OB partial outputs of one row held in registers.
+  Acc* bt = new Acc[g.R * OB > 0 ? g.R * OB : 1];
+  for (int64_t blk = block_begin; blk < block_end; ++blk) {
+    const int64_t o0 = blk * OB;
+    const int64_t ob = g.N - o0 < OB ? g.N - o0 : OB;
+    for (int64_t seg = 0; seg < g.num_segments; ++seg) {
+      const int64_t r = g.seg_rank[seg];
+      const int64_t p0 = g.seg_begin[seg], p1 = g.seg_begin[seg + 1];
+      if (r == 0 || p0 == p1) continue;
+      const W* b = g.b + (static_cast<int64_t>(g.seg_slot[seg]) * g.N + o0) * g.R;
+      for (int64_t o = 0; o < ob; ++o)
+        for (int64_t j = 0; j < r; ++j) bt[j * OB + o] = sload<Acc>(b + o * g.R + j);
+      if (ob < OB)
+        for (int64_t j = 0; j < r; ++j)
+          for (int64_t o = ob; o < OB; ++o) bt[j * OB + o] = 0;
+      for (int64_t p = p0; p < p1; ++p) {
+        const Acc* t = g.t + p * g.R;
+        Acc* y = g.y + static_cast<int64_t>(g.pair_row[p]) * g.ldy + o0;
+        V acc[NV];
+        for (int v = 0; v < NV; ++v) acc[v] = V{};
+        for (int64_t j = 0; j < r; ++j) {
+          const Acc tj = t[j];
+          const Acc* brow = bt + j * OB;
+          for (int v = 0; v < NV; ++v) acc[v] += tj * vload<Acc>(brow + v * L);
+        }
+        if (ob == OB) {
+          for (int v = 0; v < NV; ++v) vstore_acc<Acc>(y + v * L, vload<Acc>(y + v * L) + acc[v]);
+        } else {
+          for (int64_t o = 0; o < ob; ++o) y[o] += acc[o / L][o % L];
+        }
+      }
+    }
+  }
+  delete[] bt;
+}
+
+#define PEFT_KERNELS_INSTANTIATE(W, Acc)                                                                    \
+  template void lora_shrink<W, Acc>(const LoraArgs<W, Acc>&, const ShrinkItem*, int64_t, int64_t);         \
+  template void lora_expand<W, Acc>(const LoraArgs<W, Acc>&, int64_t, int64_t);
+
+PEFT_KERNELS_INSTANTIATE(float, float)
+PEFT_KERNELS_INSTANTIATE(double, double)
+PEFT_KERNELS_INSTANTIATE(bf16_t, float)
+PEFT_KERNELS_INSTANTIATE(fp16_t, float)
+#undef PEFT_KERNELS_INSTANTIATE
+
+}  // namespace PEFT_KERNELS_ISA
+}  // namespace cpu
+}  // namespace peft_kernels
