@@ -317,6 +317,36 @@ class AdapterModel(nn.Module):
     def unload(self) -> nn.Module:
         return self._unload(False)
 
+    def add_weighted_adapter(
+        self,
+        adapters,
+        weights,
+        adapter_name,
+        combination_type="svd",
+        svd_rank=None,
+        svd_clamp=None,
+        svd_full_matrices=True,
+        svd_driver=None,
+        density=None,
+        majority_sign_method="total",
+    ) -> None:
+        """PEFT's ``LoraModel.add_weighted_adapter`` (see ``peft_kernels.model.weighted_merge``)."""
+        from peft_kernels.model.weighted_merge import add_weighted_adapter
+
+        return add_weighted_adapter(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type=combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver,
+            density=density,
+            majority_sign_method=majority_sign_method,
+        )
+
     # ---------------------------------------------------------------------------------------------- forward
     @contextlib.contextmanager
     def enable_adapter_names(self, adapter_names: Sequence[str] | None, num_beams: int = 1) -> Iterator[None]:
