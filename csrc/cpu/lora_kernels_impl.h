@@ -5,6 +5,9 @@
 // Vectors are GCC/Clang vector extensions of 32 bytes (8 floats or 4 doubles): one ymm register under AVX2, two
 // xmm registers on the baseline ISA. fp16/bf16 bank entries are widened to fp32 in registers; all sums are fp32
 // (or fp64 for fp64 inputs).
+#ifndef PEFT_KERNELS_TRANSPOSE_MIN_ROWS
+#define PEFT_KERNELS_TRANSPOSE_MIN_ROWS 8
+#endif
 #ifndef PEFT_KERNELS_ISA
 #error "define PEFT_KERNELS_ISA before including lora_kernels_impl.h"
 #endif
@@ -160,6 +163,103 @@ inline void shrink_rows(const Acc* const* xr, const W* a, int64_t K, int64_t j0,
   }
 }
 
+// Segments with at least this many pairs use the transposed-B expand, smaller ones the dot-product form.
+constexpr int64_t kTransposeMinRows = PEFT_KERNELS_TRANSPOSE_MIN_ROWS;
+
+// ---- expand, few rows: L outputs at a time as dot products over the rank, reduced across lanes ----
+
+// s[q] = sum of the lanes of v[q]: a transpose-and-add tree (3 levels of shuffles for 8 floats, 2 for 4 doubles).
+inline f32x8 sum_lanes(const f32x8* v) {
+  const f32x8 a0 = __builtin_shufflevector(v[0], v[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+                   __builtin_shufflevector(v[0], v[1], 1, 9, 3, 11, 5, 13, 7, 15);
+  const f32x8 a1 = __builtin_shufflevector(v[2], v[3], 0, 8, 2, 10, 4, 12, 6, 14) +
+                   __builtin_shufflevector(v[2], v[3], 1, 9, 3, 11, 5, 13, 7, 15);
+  const f32x8 a2 = __builtin_shufflevector(v[4], v[5], 0, 8, 2, 10, 4, 12, 6, 14) +
+                   __builtin_shufflevector(v[4], v[5], 1, 9, 3, 11, 5, 13, 7, 15);
+  const f32x8 a3 = __builtin_shufflevector(v[6], v[7], 0, 8, 2, 10, 4, 12, 6, 14) +
+                   __builtin_shufflevector(v[6], v[7], 1, 9, 3, 11, 5, 13, 7, 15);
+  const f32x8 b0 = __builtin_shufflevector(a0, a1, 0, 1, 8, 9, 4, 5, 12, 13) +
+                   __builtin_shufflevector(a0, a1, 2, 3, 10, 11, 6, 7, 14, 15);
+  const f32x8 b1 = __builtin_shufflevector(a2, a3, 0, 1, 8, 9, 4, 5, 12, 13) +
+                   __builtin_shufflevector(a2, a3, 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(b0, b1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(b0, b1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+inline f64x4 sum_lanes(const f64x4* v) {
+  const f64x4 a0 = __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6) + __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
+  const f64x4 a1 = __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6) + __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
+  return __builtin_shufflevector(a0, a1, 0, 1, 4, 5) + __builtin_shufflevector(a0, a1, 2, 3, 6, 7);
+}
+
+// y_p[o0:o0+ob] += B[o0:o0+ob, :r] t_p for the pairs of one segment; b points at B[slot, o0, 0].
+template <typename W, typename Acc>
+inline void expand_dot(const W* b, int64_t R, int64_t r, int64_t ob, const Acc* const* t, Acc* const* y, int64_t np) {
+  using V = typename Vec<Acc>::T;
+  constexpr int L = Vec<Acc>::N;
+  const int64_t rv = r / L * L;
+  int64_t o = 0;
+  for (; o + L <= ob; o += L) {
+    const W* bo = b + o * R;
+    for (int64_t p = 0; p < np; ++p) {
+      const Acc* tp = t[p];
+      V acc[L];
+      for (int q = 0; q < L; ++q) acc[q] = V{};
+      for (int64_t j = 0; j < rv; j += L) {
+        const V tv = vload<Acc>(tp + j);
+        for (int q = 0; q < L; ++q) acc[q] += vload<Acc>(bo + q * R + j) * tv;
+      }
+      V s = sum_lanes(acc);
+      for (int64_t j = rv; j < r; ++j)
+        for (int q = 0; q < L; ++q) s[q] += sload<Acc>(bo + q * R + j) * tp[j];
+      vstore_acc<Acc>(y[p] + o, vload<Acc>(y[p] + o) + s);
+    }
+  }
+  for (; o < ob; ++o) {
+    const W* bo = b + o * R;
+    for (int64_t p = 0; p < np; ++p) {
+      Acc s = 0;
+      for (int64_t j = 0; j < r; ++j) s += sload<Acc>(bo + j) * t[p][j];
+      y[p][o] += s;
+    }
+  }
+}
+
+// Same result for many rows: B's block is transposed once (transpose_block) to bt [r, OB] in the compute type, then
+// expand_from_bt is a broadcast FMA over OB contiguous columns with one row's OB outputs held in registers.
+template <typename W, typename Acc>
+inline void transpose_block(const W* b, int64_t R, int64_t r, int64_t ob, Acc* bt) {
+  constexpr int64_t OB = expand_block<Acc>();
+  for (int64_t o = 0; o < ob; ++o)
+    for (int64_t j = 0; j < r; ++j) bt[j * OB + o] = sload<Acc>(b + o * R + j);
+  if (ob < OB)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t o = ob; o < OB; ++o) bt[j * OB + o] = 0;
+}
+
+template <typename Acc>
+inline void expand_from_bt(const Acc* bt, int64_t r, int64_t ob, const Acc* const* t, Acc* const* y, int64_t np) {
+  using V = typename Vec<Acc>::T;
+  constexpr int L = Vec<Acc>::N;
+  constexpr int64_t OB = expand_block<Acc>();
+  constexpr int NV = OB / L;
+  for (int64_t p = 0; p < np; ++p) {
+    const Acc* tp = t[p];
+    Acc* yp = y[p];
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = V{};
+    for (int64_t j = 0; j < r; ++j) {
+      const Acc tj = tp[j];
+      const Acc* brow = bt + j * OB;
+      for (int v = 0; v < NV; ++v) acc[v] += tj * vload<Acc>(brow + v * L);
+    }
+    if (ob == OB) {
+      for (int v = 0; v < NV; ++v) vstore_acc<Acc>(yp + v * L, vload<Acc>(yp + v * L) + acc[v]);
+    } else {
+      for (int64_t o = 0; o < ob; ++o) yp[o] += acc[o / L][o % L];
+    }
+  }
+}
+
 }  // namespace
 
 template <typename W, typename Acc>
@@ -188,13 +288,11 @@ void lora_shrink(const LoraArgs<W, Acc>& g, const ShrinkItem* items, int64_t beg
 
 template <typename W, typename Acc>
 void lora_expand(const LoraArgs<W, Acc>& g, int64_t block_begin, int64_t block_end) {
-  using V = typename Vec<Acc>::T;
-  constexpr int L = Vec<Acc>::N;
   constexpr int64_t OB = expand_block<Acc>();
-  constexpr int NV = OB / L;
-  // B[slot, o0:o0+OB, :rank] transposed to [rank, OB] in the compute type: the inner loop is then a broadcast FMA
-  // over OB contiguous columns, with the OB partial outputs of one row held in registers.
+  constexpr int64_t kChunk = 16;  // pairs whose T / Y row pointers are gathered at once
   Acc* bt = new Acc[g.R * OB > 0 ? g.R * OB : 1];
+  const Acc* t[kChunk];
+  Acc* y[kChunk];
   for (int64_t blk = block_begin; blk < block_end; ++blk) {
     const int64_t o0 = blk * OB;
     const int64_t ob = g.N - o0 < OB ? g.N - o0 : OB;
@@ -203,25 +301,18 @@ void lora_expand(const LoraArgs<W, Acc>& g, int64_t block_begin, int64_t block_e
       const int64_t p0 = g.seg_begin[seg], p1 = g.seg_begin[seg + 1];
       if (r == 0 || p0 == p1) continue;
       const W* b = g.b + (static_cast<int64_t>(g.seg_slot[seg]) * g.N + o0) * g.R;
-      for (int64_t o = 0; o < ob; ++o)
-        for (int64_t j = 0; j < r; ++j) bt[j * OB + o] = sload<Acc>(b + o * g.R + j);
-      if (ob < OB)
-        for (int64_t j = 0; j < r; ++j)
-          for (int64_t o = ob; o < OB; ++o) bt[j * OB + o] = 0;
-      for (int64_t p = p0; p < p1; ++p) {
-        const Acc* t = g.t + p * g.R;
-        Acc* y = g.y + static_cast<int64_t>(g.pair_row[p]) * g.ldy + o0;
-        V acc[NV];
-        for (int v = 0; v < NV; ++v) acc[v] = V{};
-        for (int64_t j = 0; j < r; ++j) {
-          const Acc tj = t[j];
-          const Acc* brow = bt + j * OB;
-          for (int v = 0; v < NV; ++v) acc[v] += tj * vload<Acc>(brow + v * L);
+      const bool transpose = p1 - p0 >= kTransposeMinRows;
+      for (int64_t c0 = p0; c0 < p1; c0 += kChunk) {
+        const int64_t np = p1 - c0 < kChunk ? p1 - c0 : kChunk;
+        for (int64_t i = 0; i < np; ++i) {
+          t[i] = g.t + (c0 + i) * g.R;
+          y[i] = g.y + static_cast<int64_t>(g.pair_row[c0 + i]) * g.ldy + o0;
         }
-        if (ob == OB) {
-          for (int v = 0; v < NV; ++v) vstore_acc<Acc>(y + v * L, vload<Acc>(y + v * L) + acc[v]);
+        if (transpose) {
+          if (c0 == p0) transpose_block(b, g.R, r, ob, bt);
+          expand_from_bt(bt, r, ob, t, y, np);
         } else {
-          for (int64_t o = 0; o < ob; ++o) y[o] += acc[o / L][o % L];
+          expand_dot(b, g.R, r, ob, t, y, np);
         }
       }
     }
