@@ -3,10 +3,15 @@
 // reduction (one device->host copy) before any kernel runs, runs the base GEMM with cuBLAS (at::addmm), builds the
 // SGMV segment tables with torch ops, and calls the framework-free kernels through csrc/include/peft_kernels/
 // adapter_linear.h. Only this file includes torch headers; it is compiled only in a CUDA build of torch.
+//
+// With -DPEFT_KERNELS_EMULATE (tests only, never in the package build) the same launcher runs on CPU tensors against
+// the fiber emulation of csrc/cuda/emu and registers peft_kernels_emu::adapter_linear instead.
 #include <ATen/ATen.h>
+#include <torch/library.h>
+#ifndef PEFT_KERNELS_EMULATE
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#endif
 
 #include <cuda_runtime_api.h>
 
@@ -216,7 +221,9 @@ at::Tensor adapter_linear_cuda(const at::Tensor& x, const at::Tensor& weight, co
                                const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& lora_scale,
                                const at::Tensor& lora_rank, const at::Tensor& lora_ids, const at::Tensor& lokr_w1,
                                const at::Tensor& lokr_w2, const at::Tensor& lokr_scale, const at::Tensor& lokr_ids) {
+#ifndef PEFT_KERNELS_EMULATE
   TORCH_CHECK(x.is_cuda(), "adapter_linear (cuda): x must be a CUDA tensor");
+#endif
   TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 2, "adapter_linear: x must be [M, in] and weight [out, in], got ",
                     x.sizes(), " and ", weight.sizes());
   const DType dtype = to_dtype(x.scalar_type());
@@ -271,7 +278,9 @@ at::Tensor adapter_linear_cuda(const at::Tensor& x, const at::Tensor& weight, co
                    lokr_ids.scalar_type());
   check_tensor(lokr_ids, x, "lokr_ids", at::kInt);
 
+#ifndef PEFT_KERNELS_EMULATE
   const c10::cuda::CUDAGuard guard(x.device());
+#endif
   validate_ids_and_ranks(lora_ids, S, lora_rank, R, lokr_ids, T);  // raises before any kernel launch
 
   const at::Tensor xc = x.contiguous();
@@ -279,7 +288,11 @@ at::Tensor adapter_linear_cuda(const at::Tensor& x, const at::Tensor& weight, co
   at::Tensor y = bias.has_value() ? at::addmm(*bias, xc, weight.t()) : at::mm(xc, weight.t());
   if (M == 0 || N == 0) return y;
   TORCH_CHECK(y.is_contiguous(), "adapter_linear (cuda): internal error: base output is not contiguous");
+#ifndef PEFT_KERNELS_EMULATE
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+#else
+  const cudaStream_t stream = nullptr;
+#endif
   apply_lora(y, xc, lora_a, lora_b, lora_scale, lora_rank, lora_ids, dtype, stream);
   apply_lokr(y, xc, lokr_w1, lokr_w2, lokr_scale, lokr_ids, dtype, stream);
   return y;
@@ -288,4 +301,13 @@ at::Tensor adapter_linear_cuda(const at::Tensor& x, const at::Tensor& weight, co
 }  // namespace
 }  // namespace peft_kernels
 
+#ifndef PEFT_KERNELS_EMULATE
 TORCH_LIBRARY_IMPL(peft_kernels, CUDA, m) { m.impl("adapter_linear", TORCH_FN(peft_kernels::adapter_linear_cuda)); }
+#else
+TORCH_LIBRARY(peft_kernels_emu, m) {
+  m.def(
+      "adapter_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor lora_scale, "
+      "Tensor lora_rank, Tensor lora_ids, Tensor lokr_w1, Tensor lokr_w2, Tensor lokr_scale, Tensor lokr_ids) -> Tensor");
+  m.impl("adapter_linear", c10::DispatchKey::CPU, TORCH_FN(peft_kernels::adapter_linear_cuda));
+}
+#endif

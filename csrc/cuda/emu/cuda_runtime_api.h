@@ -1,0 +1,3 @@
+// Test-only stand-in for <cuda_runtime_api.h>: the CPU emulation of csrc/cuda/emu/peft_emu.h.
+#pragma once
+#include "peft_emu.h"
