@@ -76,7 +76,7 @@ def test_odd_sizes(path, m, k, n):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_mixed_ranks_one_batch(path):
-    case = make_case(m=40, in_features=33, out_features=24, lora_ranks=(1, 8, 12, 16, 64, 3), base_fraction=0.1)
+    case = make_case(m=32, in_features=33, out_features=20, lora_ranks=(1, 8, 12, 16, 64, 3), base_fraction=0.1)
     assert len(set(case.lora_ids[case.lora_ids >= 0].tolist())) >= 5
     check(case, path)
 
@@ -157,7 +157,7 @@ def test_one_row_per_adapter(path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_several_adapters_per_row(path):
-    case = make_case(m=24, lora_ranks=(4, 12, 1), loha_ranks=((2, 3),), lokr_count=2, lora_per_row=3, lokr_per_row=2)
+    case = make_case(m=16, lora_ranks=(4, 12, 1), loha_ranks=((2, 3),), lokr_count=2, lora_per_row=3, lokr_per_row=2)
     case.lora_ids[0] = torch.tensor([1, 1, -1])  # a slot named twice adds twice
     case.lora_ids[1] = torch.tensor([-1, -1, 2])  # only the last position active
     check(case, path)

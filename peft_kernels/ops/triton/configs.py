@@ -27,7 +27,9 @@ _GPU: dict[str, dict] = {
     "two_kernel_gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 4, "num_stages": 3},
     # decode path: per-row (BGMV-style) shrink, then the base GEMM over rows in order with a per-row expand
     "decode_shrink": {"BLOCK_K": 256, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2},
-    "decode_gemm": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 16, "num_warps": 4, "num_stages": 3},
+    # BLOCK_N 32: the per-row expand holds a BLOCK_M x BLOCK_N x BLOCK_R product; at BLOCK_N 64 the sm_80 build
+    # (cuobjdump -res-usage, compiled without a GPU) used 255 registers + 1112 bytes of stack, at 32: 248 bytes.
+    "decode_gemm": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_R": 16, "num_warps": 4, "num_stages": 3},
     # LoKr stage 1: T[m, j, q] = sum_d X[m, j, d] w2[q, d]
     "lokr_shrink": {"BLOCK_J": 16, "BLOCK_C": 32, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2},
     # path choice from shapes (see adapter_linear.choose_path)
@@ -37,11 +39,11 @@ _GPU: dict[str, dict] = {
 # Under the interpreter a program costs about the same whatever its tile size, but numpy work grows with the tile:
 # 16-wide tiles keep tests/ops/test_adapter_linear_triton.py well under its time budget.
 _INTERPRETER: dict[str, dict] = {
-    "fused": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
-    "two_kernel_shrink": {"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
-    "two_kernel_gemm": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
+    "fused": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
+    "two_kernel_shrink": {"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
+    "two_kernel_gemm": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
     "decode_shrink": {"BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
-    "decode_gemm": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
+    "decode_gemm": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1},
     "lokr_shrink": {"BLOCK_J": 16, "BLOCK_C": 16, "BLOCK_D": 16, "num_warps": 1, "num_stages": 1},
     "dispatch": {"decode_max_rows": 16, "fused_max_rank": 32, "two_kernel_min_rows": 4096},
 }

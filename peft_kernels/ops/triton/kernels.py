@@ -103,6 +103,7 @@ def _adapter_linear_kernel(
     x_rows = x_ptr + rows[:, None] * stride_xm
 
     # Fused tiles: the first rank block of position 0 rides along the base K loop on the same X tile.
+    rank0 = 0
     if DELTA == 0:
         slot0 = tl.load(slots_ptr + pid_t * P, mask=P > 0, other=-1)
         safe0 = tl.maximum(slot0, 0).to(tl.int64)
@@ -112,24 +113,35 @@ def _adapter_linear_kernel(
         s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + offs_k0
-        k_mask = offs_k < K
-        xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(
-            w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )
-        acc = _mma(xt, wt, acc, DOT)
-        if DELTA == 0:
-            if rank0 > 0:
-                at = tl.load(
-                    a0_ptr + offs_r0[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                    mask=k_mask[:, None] & r0_mask[None, :],
-                    other=0.0,
-                )
-                s_acc = _mma(xt, at, s_acc, DOT)
+    if DELTA == 0 and rank0 > 0:
+        # Two copies of the K loop, so neither holds a branch (a branch in the loop body blocks pipelining).
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + offs_k0
+            k_mask = offs_k < K
+            xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(
+                w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            at = tl.load(
+                a0_ptr + offs_r0[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                mask=k_mask[:, None] & r0_mask[None, :],
+                other=0.0,
+            )
+            acc = _mma(xt, wt, acc, DOT)
+            s_acc = _mma(xt, at, s_acc, DOT)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + offs_k0
+            k_mask = offs_k < K
+            xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(
+                w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            acc = _mma(xt, wt, acc, DOT)
 
     if DELTA == 0:
         if rank0 > 0:
@@ -213,12 +225,10 @@ def _adapter_linear_kernel(
             lmask = valid[:, None] & n_mask[None, :]
             w1_rows = w1_ptr + safe_t[:, None] * stride_w1t + pa[None, :] * stride_w1a
             t_rows = t_ptr + (rows[:, None] * Q + q) * LB * LC + qc[None, :]
-            lk = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in range(0, LB):
                 w1v = tl.load(w1_rows + j * stride_w1b, mask=lmask, other=0.0)
                 tv = tl.load(t_rows + j * LC, mask=lmask, other=0.0)
-                lk += w1v.to(tl.float32) * tv
-            acc += ls[:, None] * lk
+                acc += (ls[:, None] * w1v.to(tl.float32)) * tv
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
