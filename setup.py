@@ -49,7 +49,7 @@ def _extensions() -> tuple[list, dict]:
 
     sources = ["csrc/torch_bindings.cpp", *_rel("csrc/cpu/*.cpp")]
     # -O3 and OpenMP only: no -march, the wheel must run on any x86-64 / aarch64 machine. The hot CPU loops are
-    # compiled twice (csrc/cpu/lora_kernels_{base,avx2}.cpp, the latter under `#pragma GCC target`) and chosen at
+    # compiled twice (csrc/cpu/adapter_kernels_{base,avx2}.cpp, the latter under `#pragma GCC target`) and chosen at
     # run time from the CPU's features.
     cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi", "-fdiagnostics-color=always"]  # torch adds -std=c++20
     kwargs = {

@@ -150,12 +150,16 @@ def build(kind: str, n: int, m: int, r: int, adapters: int = 1, tokens: int = 1,
         "peft": peft_fn,
         "torch": _op_call(reference.adapter_linear, x, weight, bias, bank, rows, kind),
     }
+    if compiled_cpu.unavailable_reason(torch.device("cpu")) is not None:
+        del fns["ours"]
     with torch.inference_mode():
         expected = fns["peft"]().reshape(m * tokens, n)
-        got = fns["ours"]()
-    err = (got - expected).abs().max().item() / expected.abs().max().item()
-    if err > 1e-4:
-        raise AssertionError(f"{kind} n={n} m={m}: our output differs from PEFT's (max rel err {err:.2e})")
+        for provider in ("ours", "torch"):
+            if provider in fns:
+                got = fns[provider]()
+                err = (got - expected).abs().max().item() / expected.abs().max().item()
+                if err > 1e-4:
+                    raise AssertionError(f"{kind} n={n} m={m}: {provider} differs from PEFT (max rel err {err:.2e})")
     label = {"lora": f"LoRA r={r}", "loha": f"LoHa r={r}", "lokr": f"LoKr r={r}"}[kind]
     if adapters > 1:
         label = f"{adapters} x {label}, {m} seq x {tokens} tok"

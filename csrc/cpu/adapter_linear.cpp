@@ -4,9 +4,10 @@
 //   2. Base: at::linear(x, weight, bias), the very call F.linear makes (MKL / oneDNN; any weight strides), so rows
 //      without an adapter are bitwise equal to the bare layer.
 //   3. LoRA bank: counting sort of the (row, slot) pairs by slot, then the segmented shrink and expand kernels of
-//      lora_kernels.h over each slot's true rank, parallel over independent work items (at::parallel_for).
+//      adapter_kernels.h over each slot's true rank, parallel over independent work items (at::parallel_for).
 //      X is read in place through the pair -> row index: no gather, no per-adapter copy.
-//   4. LoKr bank: per used slot, the two small matmuls of the cheaper association order on that slot's rows.
+//   4. LoKr bank: per row, the two small GEMMs of the cheaper association order for each of its LoKr slots,
+//      parallel over rows (lokr_rows in adapter_kernels.h).
 // fp16/bf16 inputs with any adapter: base and deltas in fp32 (weights widened), rounded to x.dtype once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,13 +17,24 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu/lora_kernels.h"
+#include "cpu/adapter_kernels.h"
 #include "ops.h"
 
 namespace peft_kernels {
 namespace {
 
 constexpr const char* kOp = "adapter_linear";
+
+// Work (multiply-adds) below which a stage runs on the calling thread: forking the OpenMP team costs more than it
+// saves there, and far more when the cores are shared with other processes.
+constexpr int64_t kMinParallelWork = int64_t{1} << 18;
+
+// at::parallel_for grain for `items` items of `work` multiply-adds in total.
+int64_t grain_for(int64_t items, int64_t work) {
+  if (items <= 0 || work <= 0) return 1;
+  const int64_t per_item = std::max<int64_t>(1, work / items);
+  return std::max<int64_t>(1, kMinParallelWork / per_item);
+}
 
 // Raise unless every id is in [-1, num_slots); -1 means "no adapter at this position" and is never an index.
 void check_ids(const at::Tensor& ids, int64_t num_slots, const char* what) {
@@ -170,6 +182,9 @@ void lora_deltas(const at::Tensor& xc, const at::Tensor& a, const at::Tensor& b,
                          static_cast<int32_t>(j), static_cast<int32_t>(std::min(j + chunk, r))});
   }
   if (items.empty()) return;
+  int64_t shrink_work = 0, expand_work = 0;
+  for (const auto& w : items) shrink_work += int64_t{w.p1 - w.p0} * (w.j1 - w.j0) * K;
+  for (int64_t i = 0; i < G; ++i) expand_work += (seg.begin[i + 1] - seg.begin[i]) * seg_rank[i] * N;
   at::Tensor t = at::empty({seg.pairs(), R}, xc.options());
   cpu::LoraArgs<W, Acc> g{};
   g.x = xc.const_data_ptr<Acc>();
@@ -189,14 +204,16 @@ void lora_deltas(const at::Tensor& xc, const at::Tensor& a, const at::Tensor& b,
   g.y = acc.mutable_data_ptr<Acc>();
   g.ldy = acc.stride(0);
   const bool avx2 = cpu::use_avx2();
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  at::parallel_for(0, n_items, grain_for(n_items, shrink_work), [&](int64_t begin, int64_t end) {
     if (avx2)
       cpu::avx2::lora_shrink(g, items.data(), begin, end);
     else
       cpu::base::lora_shrink(g, items.data(), begin, end);
   });
   const int64_t ob = cpu::expand_block<Acc>();
-  at::parallel_for(0, (N + ob - 1) / ob, 1, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = (N + ob - 1) / ob;
+  at::parallel_for(0, blocks, grain_for(blocks, expand_work), [&](int64_t begin, int64_t end) {
     if (avx2)
       cpu::avx2::lora_expand(g, begin, end);
     else
@@ -225,27 +242,61 @@ void lora_part(const at::Tensor& xc, at::Tensor a, at::Tensor b, const at::Tenso
   }
 }
 
-// LoKr: per used slot, vec(w1 X w2^T) * scale for X = x[row].reshape(b, d), in the cheaper association order.
-void lokr_part(const at::Tensor& xc, const at::Tensor& w1_bank, const at::Tensor& w2_bank, const at::Tensor& scale,
-               const Segments& seg, at::Tensor& acc) {
+// LoKr: y[row] += scale * vec(w1 X w2^T), X = x[row].reshape(b, d), for every LoKr position of every row.
+template <typename Acc>
+void lokr_deltas(const at::Tensor& xc, const at::Tensor& w1_bank, const at::Tensor& w2_bank, const at::Tensor& scale,
+                 const at::Tensor& ids, const Segments& seg, at::Tensor& acc) {
   const auto cdt = xc.scalar_type();
+  const int64_t T = w1_bank.size(0);
   const int64_t a = w1_bank.size(1), b = w1_bank.size(2), c = w2_bank.size(1), d = w2_bank.size(2);
+  // Only the used slots' factors, in the compute type; w2 transposed so both GEMMs read rows.
+  at::Tensor used = at::empty({seg.size()}, at::kLong);
+  for (int64_t i = 0; i < seg.size(); ++i) used.mutable_data_ptr<int64_t>()[i] = seg.slot[i];
+  const at::Tensor w1 = w1_bank.index_select(0, used).to(cdt).contiguous();
+  const at::Tensor w2t = w2_bank.index_select(0, used).to(cdt).transpose(1, 2).contiguous();
   const at::Tensor scale64 = scale.to(at::kDouble).contiguous();
-  const bool left_first = a * d * (b + c) <= b * c * (d + a);
+  std::vector<const Acc*> w1_of(T, nullptr), w2t_of(T, nullptr);
+  std::vector<Acc> scale_of(T, Acc(0));
   for (int64_t i = 0; i < seg.size(); ++i) {
-    const int64_t slot = seg.slot[i];
-    const int64_t p0 = seg.begin[i], n = seg.begin[i + 1] - p0;
-    const at::Tensor idx = at::empty({n}, at::kLong);
-    int64_t* ip = idx.mutable_data_ptr<int64_t>();
-    for (int64_t q = 0; q < n; ++q) ip[q] = seg.row[p0 + q];
-    const at::Tensor xs = xc.index_select(0, idx).view({n, b, d});
-    const at::Tensor w1 = w1_bank[slot].to(cdt);
-    const at::Tensor w2 = w2_bank[slot].to(cdt);
-    at::Tensor out = left_first ? at::matmul(at::matmul(w1, xs), w2.t()) : at::matmul(w1, at::matmul(xs, w2.t()));
-    out = out.reshape({n, a * c});
-    out.mul_(scale64.const_data_ptr<double>()[slot]);
-    acc.index_add_(0, idx, out);
+    const int64_t t = seg.slot[i];
+    w1_of[t] = w1.const_data_ptr<Acc>() + i * a * b;
+    w2t_of[t] = w2t.const_data_ptr<Acc>() + i * d * c;
+    scale_of[t] = static_cast<Acc>(scale64.const_data_ptr<double>()[t]);
   }
+  const at::Tensor ids_c = ids.contiguous();
+  cpu::LokrArgs<Acc> g{};
+  g.x = xc.const_data_ptr<Acc>();
+  g.ldx = xc.stride(0);
+  g.y = acc.mutable_data_ptr<Acc>();
+  g.ldy = acc.stride(0);
+  g.a = a;
+  g.b = b;
+  g.c = c;
+  g.d = d;
+  g.ids = ids_c.const_data_ptr<int32_t>();
+  g.Q = ids_c.size(1);
+  g.w1 = w1_of.data();
+  g.w2t = w2t_of.data();
+  g.scale = scale_of.data();
+  // (w1 X) w2^T costs a*b*d + a*d*c per row; w1 (X w2^T) costs b*d*c + a*b*c (same rule as the reference).
+  g.left_first = a * d * (b + c) <= b * c * (d + a);
+  const int64_t per_pair = g.left_first ? a * d * (b + c) : b * c * (d + a);
+  const int64_t rows = xc.size(0);
+  const bool avx2 = cpu::use_avx2();
+  at::parallel_for(0, rows, grain_for(rows, seg.pairs() * per_pair), [&](int64_t begin, int64_t end) {
+    if (avx2)
+      cpu::avx2::lokr_rows(g, begin, end);
+    else
+      cpu::base::lokr_rows(g, begin, end);
+  });
+}
+
+void lokr_part(const at::Tensor& xc, const at::Tensor& w1_bank, const at::Tensor& w2_bank, const at::Tensor& scale,
+               const at::Tensor& ids, const Segments& seg, at::Tensor& acc) {
+  if (xc.scalar_type() == at::kDouble)
+    lokr_deltas<double>(xc, w1_bank, w2_bank, scale, ids, seg, acc);
+  else
+    lokr_deltas<float>(xc, w1_bank, w2_bank, scale, ids, seg, acc);
 }
 
 }  // namespace
@@ -270,7 +321,7 @@ at::Tensor adapter_linear_cpu(const at::Tensor& x, const at::Tensor& weight, con
   at::Tensor acc = at::linear(xc, weight.to(cdt), bias.has_value() ? std::optional<at::Tensor>(bias->to(cdt)) : bias)
                        .contiguous();
   if (lora.pairs() > 0) lora_part(xc, lora_a, lora_b, lora_scale, lora_rank, lora, acc);
-  if (lokr.pairs() > 0) lokr_part(xc, lokr_w1, lokr_w2, lokr_scale, lokr, acc);
+  if (lokr.pairs() > 0) lokr_part(xc, lokr_w1, lokr_w2, lokr_scale, lokr_ids, lokr, acc);
   return cdt == xt ? acc : acc.to(xt);
 }
 

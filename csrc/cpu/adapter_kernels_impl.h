@@ -1,5 +1,5 @@
-// Definitions of the kernels declared in lora_kernels.h. Included only by lora_kernels_base.cpp and
-// lora_kernels_avx2.cpp, each with PEFT_KERNELS_ISA set to its namespace; everything here has internal linkage or
+// Definitions of the kernels declared in adapter_kernels.h. Included only by adapter_kernels_base.cpp and
+// adapter_kernels_avx2.cpp, each with PEFT_KERNELS_ISA set to its namespace; everything here has internal linkage or
 // lives in that namespace, so the two builds never share a symbol.
 //
 // Vectors are GCC/Clang vector extensions of 32 bytes (8 floats or 4 doubles): one ymm register under AVX2, two
@@ -9,7 +9,7 @@
 #define PEFT_KERNELS_TRANSPOSE_MIN_ROWS 8
 #endif
 #ifndef PEFT_KERNELS_ISA
-#error "define PEFT_KERNELS_ISA before including lora_kernels_impl.h"
+#error "define PEFT_KERNELS_ISA before including adapter_kernels_impl.h"
 #endif
 
 namespace peft_kernels {
@@ -260,6 +260,50 @@ inline void expand_from_bt(const Acc* bt, int64_t r, int64_t ob, const Acc* cons
   }
 }
 
+// ---- LoKr: small row-major GEMMs in broadcast form ----
+
+// C[p, :] (=|+=) alpha * sum_i A[p, i] B[i, :] for p < P, over Qn columns; all row-major with leading dimensions.
+template <bool kAdd, typename Acc>
+inline void gemm_rows(int64_t P, int64_t I, int64_t Qn, const Acc* A, int64_t lda, const Acc* B, int64_t ldb, Acc* C,
+                      int64_t ldc, Acc alpha) {
+  using V = typename Vec<Acc>::T;
+  constexpr int L = Vec<Acc>::N;
+  constexpr int NV = 8;
+  constexpr int64_t QB = NV * L;
+  int64_t q0 = 0;
+  for (; q0 + QB <= Qn; q0 += QB) {  // full blocks: NV accumulators in registers
+    for (int64_t p = 0; p < P; ++p) {
+      V acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = V{};
+      for (int64_t i = 0; i < I; ++i) {
+        const Acc s = A[p * lda + i];
+        const Acc* brow = B + i * ldb + q0;
+        for (int v = 0; v < NV; ++v) acc[v] += s * vload<Acc>(brow + v * L);
+      }
+      Acc* crow = C + p * ldc + q0;
+      for (int v = 0; v < NV; ++v)
+        vstore_acc<Acc>(crow + v * L, kAdd ? vload<Acc>(crow + v * L) + alpha * acc[v] : alpha * acc[v]);
+    }
+  }
+  for (; q0 < Qn; q0 += L) {  // the rest: one vector, or scalars at the very end
+    const int64_t qn = Qn - q0 < L ? Qn - q0 : L;
+    for (int64_t p = 0; p < P; ++p) {
+      Acc* crow = C + p * ldc + q0;
+      if (qn == L) {
+        V acc = V{};
+        for (int64_t i = 0; i < I; ++i) acc += A[p * lda + i] * vload<Acc>(B + i * ldb + q0);
+        vstore_acc<Acc>(crow, kAdd ? vload<Acc>(crow) + alpha * acc : alpha * acc);
+      } else {
+        for (int64_t q = 0; q < qn; ++q) {
+          Acc s = 0;
+          for (int64_t i = 0; i < I; ++i) s += A[p * lda + i] * B[i * ldb + q0 + q];
+          crow[q] = kAdd ? crow[q] + alpha * s : alpha * s;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 template <typename W, typename Acc>
@@ -320,6 +364,30 @@ void lora_expand(const LoraArgs<W, Acc>& g, int64_t block_begin, int64_t block_e
   delete[] bt;
 }
 
+template <typename Acc>
+void lokr_rows(const LokrArgs<Acc>& g, int64_t row_begin, int64_t row_end) {
+  const int64_t a = g.a, b = g.b, c = g.c, d = g.d;
+  Acc* scratch = new Acc[g.left_first ? a * d : b * c];
+  for (int64_t m = row_begin; m < row_end; ++m) {
+    const Acc* x = g.x + m * g.ldx;  // X: b x d
+    Acc* y = g.y + m * g.ldy;        // a x c
+    for (int64_t q = 0; q < g.Q; ++q) {
+      const int32_t t = g.ids[m * g.Q + q];
+      if (t < 0) continue;
+      const Acc* w1 = g.w1[t];
+      const Acc* w2t = g.w2t[t];
+      if (g.left_first) {
+        gemm_rows<false>(a, b, d, w1, b, x, d, scratch, d, Acc(1));     // U = w1 X        (a x d)
+        gemm_rows<true>(a, d, c, scratch, d, w2t, c, y, c, g.scale[t]);  // y += s U w2^T   (a x c)
+      } else {
+        gemm_rows<false>(b, d, c, x, d, w2t, c, scratch, c, Acc(1));    // V = X w2^T      (b x c)
+        gemm_rows<true>(a, b, c, w1, b, scratch, c, y, c, g.scale[t]);   // y += s w1 V     (a x c)
+      }
+    }
+  }
+  delete[] scratch;
+}
+
 #define PEFT_KERNELS_INSTANTIATE(W, Acc)                                                                    \
   template void lora_shrink<W, Acc>(const LoraArgs<W, Acc>&, const ShrinkItem*, int64_t, int64_t);         \
   template void lora_expand<W, Acc>(const LoraArgs<W, Acc>&, int64_t, int64_t);
@@ -329,6 +397,8 @@ PEFT_KERNELS_INSTANTIATE(double, double)
 PEFT_KERNELS_INSTANTIATE(bf16_t, float)
 PEFT_KERNELS_INSTANTIATE(fp16_t, float)
 #undef PEFT_KERNELS_INSTANTIATE
+template void lokr_rows<float>(const LokrArgs<float>&, int64_t, int64_t);
+template void lokr_rows<double>(const LokrArgs<double>&, int64_t, int64_t);
 
 }  // namespace PEFT_KERNELS_ISA
 }  // namespace cpu

@@ -1,6 +1,6 @@
-// Framework-free CPU kernels of the segmented LoRA delta (no torch headers: raw pointers and plain structs).
+// Framework-free CPU kernels of the adapter deltas (no torch headers: raw pointers and plain structs).
 //
-// The pairs (row, slot) named by lora_ids are grouped by slot ("segments", a counting sort done by the launcher in
+// LoRA (and LoHa packed as LoRA). The pairs (row, slot) named by lora_ids are grouped by slot ("segments", a counting sort done by the launcher in
 // adapter_linear.cpp). Two stages, each parallelised by the launcher over independent work items:
 //
 //   shrink  T[p, j] = scale[slot] * sum_k x[row(p), k] * A[slot, j, k]       j < rank(slot)   (dot products)
@@ -9,7 +9,11 @@
 // Shrink items are (segment, block of <= 4 pairs, chunk of ranks); expand items are blocks of output columns, so no
 // two threads ever write the same element of T or Y. Only each slot's true rank is read and computed.
 //
-// Every kernel is compiled twice: lora_kernels_base.cpp (the compiler's baseline ISA) and lora_kernels_avx2.cpp
+// LoKr: per row and LoKr position, y[row, p*c + q] += scale * (w1 X w2^T)[p, q] with X = x[row] as b x d, as two
+// small row-major GEMMs in the cheaper association order; parallel over rows (a row's positions are summed by one
+// thread, so a slot named twice adds twice without a race).
+//
+// Every kernel is compiled twice: adapter_kernels_base.cpp (the compiler's baseline ISA) and adapter_kernels_avx2.cpp
 // (`#pragma GCC target("avx2,fma")`), and the launcher picks one at run time (`use_avx2()`); no -march flag is needed.
 #pragma once
 
@@ -51,6 +55,21 @@ struct LoraArgs {
   int64_t ldy;
 };
 
+template <typename Acc>
+struct LokrArgs {
+  const Acc* x;  // [M, ldx] activations in the compute type
+  int64_t ldx;
+  Acc* y;  // [M, ldy] accumulation target
+  int64_t ldy;
+  int64_t a, b, c, d;      // w1: a x b, w2: c x d; out = a c, in = b d
+  const int32_t* ids;      // [M, Q] slot ids, -1 = none (validated)
+  int64_t Q;
+  const Acc* const* w1;    // [T] w1 of each slot (a x b, row-major), null for unused slots
+  const Acc* const* w2t;   // [T] w2 transposed (d x c, row-major), null for unused slots
+  const Acc* scale;        // [T]
+  bool left_first;         // (w1 X) w2^T when true, w1 (X w2^T) otherwise
+};
+
 // Width in elements of one expand column block (8 vector registers).
 template <typename Acc>
 constexpr int64_t expand_block() {
@@ -63,6 +82,8 @@ constexpr int64_t expand_block() {
   void lora_shrink(const LoraArgs<W, Acc>& g, const ShrinkItem* items, int64_t begin, int64_t end);            \
   template <typename W, typename Acc>                                                                          \
   void lora_expand(const LoraArgs<W, Acc>& g, int64_t block_begin, int64_t block_end);                         \
+  template <typename Acc>                                                                                      \
+  void lokr_rows(const LokrArgs<Acc>& g, int64_t row_begin, int64_t row_end);                                  \
   }
 
 PEFT_KERNELS_DECLARE_ISA(base)

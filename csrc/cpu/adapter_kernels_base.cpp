@@ -2,10 +2,10 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cpu/lora_kernels.h"
+#include "cpu/adapter_kernels.h"
 
 #define PEFT_KERNELS_ISA base
-#include "cpu/lora_kernels_impl.h"
+#include "cpu/adapter_kernels_impl.h"
 #undef PEFT_KERNELS_ISA
 
 namespace peft_kernels {

@@ -3,18 +3,18 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cpu/lora_kernels.h"
+#include "cpu/adapter_kernels.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define PEFT_KERNELS_ISA avx2
-#include "cpu/lora_kernels_impl.h"
+#include "cpu/adapter_kernels_impl.h"
 #undef PEFT_KERNELS_ISA
 #pragma GCC pop_options
 #else
 // Not x86: use_avx2() is always false; these symbols only satisfy the linker.
 #define PEFT_KERNELS_ISA avx2
-#include "cpu/lora_kernels_impl.h"
+#include "cpu/adapter_kernels_impl.h"
 #undef PEFT_KERNELS_ISA
 #endif
