@@ -80,6 +80,10 @@ class FusedAdapterLinear(nn.Module):
         # checks names against every layer, sets this to False (a module an adapter does not target is base-only).
         self.strict_adapter_names = True
         self._bank: tuple[tuple, AdapterBank] | None = None
+        # name -> its parameters, for the cheap change check of the cached bank (parameters are updated in place by
+        # load_state_dict, optimisers and .to(), which bump _version or move data_ptr)
+        self._params: dict[str, list[torch.Tensor]] = {}
+        self._ids: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # per-row slot ids of recent batches
 
     # ----------------------------------------------------------------------------------------------- construction
     @classmethod
@@ -109,6 +113,7 @@ class FusedAdapterLinear(nn.Module):
     def _register(self, name: str, kind: str, r: int, alpha: float, scaling: float) -> None:
         self.adapter_types[name] = kind
         self.r[name], self.alpha[name], self.scaling[name] = r, alpha, scaling
+        self._params[name] = list(self.adapter_params(name).values())
         self._bank = None
 
     def add_lora(
@@ -294,6 +299,7 @@ class FusedAdapterLinear(nn.Module):
             d.pop(name, None)
         self.rank_dropout_scale.pop(name, None)
         self._active_adapters = [a for a in self._active_adapters if a != name]
+        self._params.pop(name, None)
         self._bank = None
 
     # ------------------------------------------------------------------------------------------------ selection
@@ -399,9 +405,9 @@ class FusedAdapterLinear(nn.Module):
 
     def _bank_key(self, dtype: torch.dtype, device: torch.device) -> tuple:
         parts: list = [dtype, device]
-        for name in self.adapter_types:
+        for name, params in self._params.items():
             parts.append((name, self.scaling[name]))
-            parts.extend((p._version, p.data_ptr()) for p in self.adapter_params(name).values())
+            parts.extend((p._version, p.data_ptr()) for p in params)
         return tuple(parts)
 
     def bank(self, dtype: torch.dtype, device: torch.device, differentiable: bool = False) -> AdapterBank:
@@ -412,6 +418,7 @@ class FusedAdapterLinear(nn.Module):
         if self._bank is None or self._bank[0] != key:
             with torch.no_grad():
                 self._bank = (key, self._build_bank(dtype, device))
+            self._ids.clear()
         return self._bank[1]
 
     def _build_bank(self, dtype: torch.dtype, device: torch.device) -> AdapterBank:
@@ -490,16 +497,21 @@ class FusedAdapterLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         m = x2.shape[0]
-        differentiable = torch.is_grad_enabled() and any(
-            p.requires_grad for n in self.adapter_types for p in self.adapter_params(n).values()
-        )
+        differentiable = torch.is_grad_enabled() and any(p.requires_grad for ps in self._params.values() for p in ps)
         bank = self.bank(x2.dtype, x2.device, differentiable)
-        if len(rows) == 1 and tokens == m:  # the same adapters on every row: one sample spanning all rows
-            lora_ids, lokr_ids = self._slot_ids(bank, rows, 1, x2.device)
-            lora_ids = lora_ids.expand(m, -1).contiguous()
-            lokr_ids = [t.expand(m, -1).contiguous() for t in lokr_ids]
-        else:
-            lora_ids, lokr_ids = self._slot_ids(bank, rows, tokens, x2.device)
+        key = (tuple(tuple(r) for r in rows), tokens, m, x2.device)
+        cached = None if differentiable else self._ids.get(key)
+        if cached is None:
+            if len(rows) == 1 and tokens == m:  # the same adapters on every row: one sample spanning all rows
+                lora_ids, lokr_ids = self._slot_ids(bank, rows, 1, x2.device)
+                lora_ids = lora_ids.expand(m, -1).contiguous()
+                lokr_ids = [t.expand(m, -1).contiguous() for t in lokr_ids]
+            else:
+                lora_ids, lokr_ids = self._slot_ids(bank, rows, tokens, x2.device)
+            if len(self._ids) >= 16:
+                self._ids.clear()
+            cached = self._ids[key] = (lora_ids, lokr_ids)
+        lora_ids, lokr_ids = cached
         first = bank.lokr_groups[0] if bank.lokr_groups else None
         w1, w2, s = (first.w1, first.w2, first.scale) if first else empty_lokr(x2.dtype, x2.device)
         y = ops.adapter_linear(

@@ -109,8 +109,8 @@ class PeftConfig:
         os.makedirs(save_directory, exist_ok=True)
         out = self.to_dict()
         out["inference_mode"] = True
-        if self.task_type is None and out.get("auto_mapping") is None:
-            out["auto_mapping"] = kwargs.get("auto_mapping")
+        if kwargs.get("auto_mapping_dict") is not None:
+            out["auto_mapping"] = kwargs["auto_mapping_dict"]
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             f.write(json.dumps(out, indent=2, sort_keys=True))
 
@@ -121,6 +121,8 @@ class PeftConfig:
         data = dict(data)
         peft_type = data.get("peft_type")
         target_cls = cls
+        if peft_type is None and cls is PeftConfig:
+            raise ValueError(f"{source}: no 'peft_type' field; cannot tell which adapter method this is")
         if peft_type is not None:
             if peft_type not in CONFIG_CLASSES:
                 raise NotImplementedError(

@@ -204,7 +204,12 @@ class PeftModel(nn.Module):
         for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             checkpoint.save_weights(self.base_model.adapter_state_dict(name), out, safe_serialization)
-            self.peft_config[name].save_pretrained(out)
+            config = self.peft_config[name]
+            base_cls = type(self.get_base_model())
+            auto_mapping = None
+            if config.task_type is None:  # PEFT records the model class so AutoPeftModel can rebuild it
+                auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
+            config.save_pretrained(out, auto_mapping_dict=auto_mapping)
 
     def _write_model_card(self, directory: str) -> None:
         path = os.path.join(directory, "README.md")
@@ -257,7 +262,9 @@ class PeftModel(nn.Module):
         """Load another adapter (inactive until ``set_adapter``). On any error the model is left as it was."""
         _, config, weights, source = _read_adapter(model_id, None, is_trainable, kwargs.get("subfolder"))
         self._add(adapter_name, config, weights, source, autocast_adapter_dtype)
-        if not is_trainable:
+        if is_trainable:  # PEFT: a trainable load is trainable even while inactive
+            self.base_model.set_requires_grad(adapter_name)
+        else:
             self.eval()
 
 

@@ -45,14 +45,20 @@ def _backend_module(name: str) -> ModuleType | None:
         return None
 
 
+_reasons: dict[tuple, str | None] = {}
+
+
 def unavailable_reason(name: str, device: torch.device) -> str | None:
-    """None when backend ``name`` can run on ``device``, otherwise why not."""
+    """None when backend ``name`` can run on ``device``, otherwise why not (cached: it is asked on every call)."""
     if name == "torch":
         return None
-    module = _backend_module(name)
-    if module is None:
-        return f"the {name} backend module could not be imported"
-    return module.unavailable_reason(device)
+    key = (name, device.type, env.triton_interpret())
+    if key not in _reasons:
+        module = _backend_module(name)
+        _reasons[key] = (
+            f"the {name} backend module could not be imported" if module is None else module.unavailable_reason(device)
+        )
+    return _reasons[key]
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
