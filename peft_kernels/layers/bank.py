@@ -28,6 +28,7 @@ class AdapterBank:
     lora_rank: torch.Tensor  # [S] int32
     lora_slots: dict[str, int]  # adapter name -> slot (LoRA and LoHa)
     lokr_groups: list[LokrGroup] = field(default_factory=list)
+    generation: int = 0  # bumped by an owner that rewrites slots in place (adapter pools)
 
 
 def build_bank(

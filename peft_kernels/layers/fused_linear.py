@@ -11,7 +11,7 @@ dicts, optimiser filters and checkpoints look the same as PEFT's. The forward:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -80,6 +80,9 @@ class FusedAdapterLinear(nn.Module):
         # checks names against every layer, sets this to False (a module an adapter does not target is base-only).
         self.strict_adapter_names = True
         self._bank: tuple[tuple, AdapterBank] | None = None
+        # An external bank (serving.AdapterPool): callable(dtype, device) -> AdapterBank with fixed shapes, whose
+        # ``generation`` changes whenever a slot's content or owner changes.
+        self.bank_source: Callable[[torch.dtype, torch.device], AdapterBank] | None = None
         # name -> its parameters, for the cheap change check of the cached bank (parameters are updated in place by
         # load_state_dict, optimisers and .to(), which bump _version or move data_ptr)
         self._params: dict[str, list[torch.Tensor]] = {}
@@ -411,7 +414,12 @@ class FusedAdapterLinear(nn.Module):
         return tuple(parts)
 
     def bank(self, dtype: torch.dtype, device: torch.device, differentiable: bool = False) -> AdapterBank:
-        """The layer's adapter bank in ``dtype`` on ``device``; cached until an adapter parameter changes."""
+        """The layer's adapter bank in ``dtype`` on ``device``; cached until an adapter parameter changes.
+
+        With ``bank_source`` set (an adapter pool serving this layer), the bank is the pool's preallocated one.
+        """
+        if self.bank_source is not None:
+            return self.bank_source(dtype, device)
         if differentiable:
             return self._build_bank(dtype, device)
         key = self._bank_key(dtype, device)
@@ -438,8 +446,8 @@ class FusedAdapterLinear(nn.Module):
         for n in adapter_names:
             if n == BASE_ONLY:
                 rows.append([])
-            elif n in self.adapter_types:
-                rows.append([n])
+            elif n in self.adapter_types or self.bank_source is not None:
+                rows.append([n])  # a pooled adapter not resident in this layer's bank gets slot -1 (base only)
             elif self.strict_adapter_names:
                 raise ValueError(f"Trying to infer with non-existing adapter(s): {n}")
             else:
@@ -485,7 +493,7 @@ class FusedAdapterLinear(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         rows = self._row_names(adapter_names)
         active = [a for a in self._active_adapters if a in self.adapter_types]
-        if rows is None and not active:
+        if rows is None and not active:  # (a pooled layer is driven by adapter_names)
             return self.base_layer(x, *args, **kwargs)
         if self.training:
             if rows is not None:
@@ -499,7 +507,7 @@ class FusedAdapterLinear(nn.Module):
         m = x2.shape[0]
         differentiable = torch.is_grad_enabled() and any(p.requires_grad for ps in self._params.values() for p in ps)
         bank = self.bank(x2.dtype, x2.device, differentiable)
-        key = (tuple(tuple(r) for r in rows), tokens, m, x2.device)
+        key = (tuple(tuple(r) for r in rows), tokens, m, x2.device, id(bank), bank.generation)
         cached = None if differentiable else self._ids.get(key)
         if cached is None:
             if len(rows) == 1 and tokens == m:  # the same adapters on every row: one sample spanning all rows
