@@ -164,6 +164,26 @@ def test_several_adapters_per_row(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_slot_placement_does_not_matter(path):
+    case = make_case(m=12, lora_ranks=(4, 12, 1), lokr_count=2, lora_per_row=2, seed=11)
+    y = check(case, path)
+    moved = torch.tensor([2, 0, 1])  # adapter in slot s moves to slot moved[s]
+    inv = torch.argsort(moved)
+    ids = torch.where(case.lora_ids >= 0, moved[case.lora_ids.clamp_min(0).long()], -1)
+    shuffled = Case(
+        **{
+            **case.__dict__,
+            "lora_a": case.lora_a[inv],
+            "lora_b": case.lora_b[inv],
+            "lora_scale": case.lora_scale[inv],
+            "lora_rank": case.lora_rank[inv],
+            "lora_ids": ids.to(torch.int32),
+        }
+    )
+    assert_close(run(shuffled.to(torch.float32), path), y, msg="moving adapters to other slots")
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_many_rows_few_combinations(path):
     # enough rows per slot to fill several M-tiles of one segment
     check(make_case(m=70, in_features=20, out_features=18, lora_ranks=(4, 20), seed=7), path)
@@ -209,6 +229,13 @@ def test_out_of_range_ids_raise(path, bank, bad):
     bad_case = with_ids(case, **{f"{bank}_ids": ids})
     with pytest.raises(IndexError, match="out of range"):
         run(bad_case, path)
+
+
+def test_rank_past_bank_width_raises():
+    case = make_case(m=3, lora_ranks=(4, 2)).to(torch.float32)
+    case.lora_rank[1] = 5
+    with pytest.raises(ValueError, match="lora_rank"):
+        run(case, "fused")
 
 
 def test_fp64_refused():
