@@ -8,6 +8,8 @@
 //
 // Shrink items are (segment, block of <= 4 pairs, chunk of ranks); expand items are blocks of output columns, so no
 // two threads ever write the same element of T or Y. Only each slot's true rank is read and computed.
+// lora_segments does both stages segment by segment (one parallel region over segments): the launcher uses it for
+// many segments when no row appears in two segments (one LoRA position per row), so segments own disjoint rows.
 //
 // LoKr: per row and LoKr position, y[row, p*c + q] += scale * (w1 X w2^T)[p, q] with X = x[row] as b x d, as two
 // small row-major GEMMs in the cheaper association order; parallel over rows (a row's positions are summed by one
@@ -82,6 +84,8 @@ constexpr int64_t expand_block() {
   void lora_shrink(const LoraArgs<W, Acc>& g, const ShrinkItem* items, int64_t begin, int64_t end);            \
   template <typename W, typename Acc>                                                                          \
   void lora_expand(const LoraArgs<W, Acc>& g, int64_t block_begin, int64_t block_end);                         \
+  template <typename W, typename Acc>                                                                          \
+  void lora_segments(const LoraArgs<W, Acc>& g, int64_t seg_begin, int64_t seg_end);                           \
   template <typename Acc>                                                                                      \
   void lokr_rows(const LokrArgs<Acc>& g, int64_t row_begin, int64_t row_end);                                  \
   }

@@ -330,36 +330,61 @@ void lora_shrink(const LoraArgs<W, Acc>& g, const ShrinkItem* items, int64_t beg
   }
 }
 
+namespace {
+
+// Y[row(p), o0:o0+ob] += T[p] B[slot, o0:o0+ob, :r]^T for every pair p of segment `seg`; bt: scratch of R * OB.
+template <typename W, typename Acc>
+inline void expand_segment(const LoraArgs<W, Acc>& g, int64_t seg, int64_t o0, Acc* bt) {
+  constexpr int64_t OB = expand_block<Acc>();
+  constexpr int64_t kChunk = 16;  // pairs whose T / Y row pointers are gathered at once
+  const int64_t ob = g.N - o0 < OB ? g.N - o0 : OB;
+  const int64_t r = g.seg_rank[seg];
+  const int64_t p0 = g.seg_begin[seg], p1 = g.seg_begin[seg + 1];
+  if (r == 0 || p0 == p1) return;
+  const W* b = g.b + (static_cast<int64_t>(g.seg_slot[seg]) * g.N + o0) * g.R;
+  const bool transpose = p1 - p0 >= kTransposeMinRows;
+  const Acc* t[kChunk];
+  Acc* y[kChunk];
+  for (int64_t c0 = p0; c0 < p1; c0 += kChunk) {
+    const int64_t np = p1 - c0 < kChunk ? p1 - c0 : kChunk;
+    for (int64_t i = 0; i < np; ++i) {
+      t[i] = g.t + (c0 + i) * g.R;
+      y[i] = g.y + static_cast<int64_t>(g.pair_row[c0 + i]) * g.ldy + o0;
+    }
+    if (transpose) {
+      if (c0 == p0) transpose_block(b, g.R, r, ob, bt);
+      expand_from_bt(bt, r, ob, t, y, np);
+    } else {
+      expand_dot(b, g.R, r, ob, t, y, np);
+    }
+  }
+}
+
+}  // namespace
+
 template <typename W, typename Acc>
 void lora_expand(const LoraArgs<W, Acc>& g, int64_t block_begin, int64_t block_end) {
   constexpr int64_t OB = expand_block<Acc>();
-  constexpr int64_t kChunk = 16;  // pairs whose T / Y row pointers are gathered at once
   Acc* bt = new Acc[g.R * OB > 0 ? g.R * OB : 1];
-  const Acc* t[kChunk];
-  Acc* y[kChunk];
-  for (int64_t blk = block_begin; blk < block_end; ++blk) {
-    const int64_t o0 = blk * OB;
-    const int64_t ob = g.N - o0 < OB ? g.N - o0 : OB;
-    for (int64_t seg = 0; seg < g.num_segments; ++seg) {
-      const int64_t r = g.seg_rank[seg];
-      const int64_t p0 = g.seg_begin[seg], p1 = g.seg_begin[seg + 1];
-      if (r == 0 || p0 == p1) continue;
-      const W* b = g.b + (static_cast<int64_t>(g.seg_slot[seg]) * g.N + o0) * g.R;
-      const bool transpose = p1 - p0 >= kTransposeMinRows;
-      for (int64_t c0 = p0; c0 < p1; c0 += kChunk) {
-        const int64_t np = p1 - c0 < kChunk ? p1 - c0 : kChunk;
-        for (int64_t i = 0; i < np; ++i) {
-          t[i] = g.t + (c0 + i) * g.R;
-          y[i] = g.y + static_cast<int64_t>(g.pair_row[c0 + i]) * g.ldy + o0;
-        }
-        if (transpose) {
-          if (c0 == p0) transpose_block(b, g.R, r, ob, bt);
-          expand_from_bt(bt, r, ob, t, y, np);
-        } else {
-          expand_dot(b, g.R, r, ob, t, y, np);
-        }
-      }
+  for (int64_t blk = block_begin; blk < block_end; ++blk)
+    for (int64_t seg = 0; seg < g.num_segments; ++seg) expand_segment(g, seg, blk * OB, bt);
+  delete[] bt;
+}
+
+template <typename W, typename Acc>
+void lora_segments(const LoraArgs<W, Acc>& g, int64_t seg_begin, int64_t seg_end) {
+  constexpr int64_t OB = expand_block<Acc>();
+  Acc* bt = new Acc[g.R * OB > 0 ? g.R * OB : 1];
+  for (int64_t seg = seg_begin; seg < seg_end; ++seg) {
+    const int64_t r = g.seg_rank[seg];
+    const int64_t p0 = g.seg_begin[seg], p1 = g.seg_begin[seg + 1];
+    if (r == 0) continue;
+    for (int64_t q = p0; q < p1; q += 4) {
+      const ShrinkItem item{static_cast<int32_t>(seg), static_cast<int32_t>(q),
+                            static_cast<int32_t>(q + 4 < p1 ? q + 4 : p1), 0, static_cast<int32_t>(r)};
+      lora_shrink(g, &item, 0, 1);
     }
+    for (int64_t o0 = 0; o0 < g.N; o0 += OB) expand_segment(g, seg, o0, bt);
   }
   delete[] bt;
 }
@@ -390,7 +415,8 @@ void lokr_rows(const LokrArgs<Acc>& g, int64_t row_begin, int64_t row_end) {
 
 #define PEFT_KERNELS_INSTANTIATE(W, Acc)                                                                    \
   template void lora_shrink<W, Acc>(const LoraArgs<W, Acc>&, const ShrinkItem*, int64_t, int64_t);         \
-  template void lora_expand<W, Acc>(const LoraArgs<W, Acc>&, int64_t, int64_t);
+  template void lora_expand<W, Acc>(const LoraArgs<W, Acc>&, int64_t, int64_t);                            \
+  template void lora_segments<W, Acc>(const LoraArgs<W, Acc>&, int64_t, int64_t);
 
 PEFT_KERNELS_INSTANTIATE(float, float)
 PEFT_KERNELS_INSTANTIATE(double, double)

@@ -27,7 +27,7 @@ constexpr const char* kOp = "adapter_linear";
 
 // Work (multiply-adds) below which a stage runs on the calling thread: forking the OpenMP team costs more than it
 // saves there, and far more when the cores are shared with other processes.
-constexpr int64_t kMinParallelWork = int64_t{1} << 18;
+constexpr int64_t kMinParallelWork = int64_t{1} << 21;
 
 // at::parallel_for grain for `items` items of `work` multiply-adds in total.
 int64_t grain_for(int64_t items, int64_t work) {
@@ -155,7 +155,7 @@ const W* data_as(const at::Tensor& t) {
 // The LoRA / packed-LoHa deltas of every pair in `seg`, added into acc [M, N] (contiguous, compute type).
 template <typename W, typename Acc>
 void lora_deltas(const at::Tensor& xc, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
-                 const at::Tensor& rank, const Segments& seg, at::Tensor& acc) {
+                 const at::Tensor& rank, const Segments& seg, bool one_per_row, at::Tensor& acc) {
   const int64_t K = a.size(2), N = b.size(1), R = a.size(1);
   const int64_t G = seg.size();
   std::vector<int64_t> seg_rank(G);
@@ -204,6 +204,17 @@ void lora_deltas(const at::Tensor& xc, const at::Tensor& a, const at::Tensor& b,
   g.y = acc.mutable_data_ptr<Acc>();
   g.ldy = acc.stride(0);
   const bool avx2 = cpu::use_avx2();
+  const int64_t threads_needed = std::min<int64_t>(threads, (shrink_work + expand_work) / kMinParallelWork);
+  if (one_per_row && G >= 2 * threads && threads_needed > 1) {
+    // Multi-tenant batch: one parallel region over segments, each doing its shrink then its expand.
+    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      if (avx2)
+        cpu::avx2::lora_segments(g, begin, end);
+      else
+        cpu::base::lora_segments(g, begin, end);
+    });
+    return;
+  }
   const int64_t n_items = static_cast<int64_t>(items.size());
   at::parallel_for(0, n_items, grain_for(n_items, shrink_work), [&](int64_t begin, int64_t end) {
     if (avx2)
@@ -222,7 +233,7 @@ void lora_deltas(const at::Tensor& xc, const at::Tensor& a, const at::Tensor& b,
 }
 
 void lora_part(const at::Tensor& xc, at::Tensor a, at::Tensor b, const at::Tensor& scale, const at::Tensor& rank,
-               const Segments& seg, at::Tensor& acc) {
+               const Segments& seg, bool one_per_row, at::Tensor& acc) {
   const auto cdt = xc.scalar_type();
   const auto wt = a.scalar_type();
   const bool native = b.scalar_type() == wt && (wt == cdt || (cdt == at::kFloat && (wt == at::kBFloat16 ||
@@ -234,10 +245,10 @@ void lora_part(const at::Tensor& xc, at::Tensor a, at::Tensor b, const at::Tenso
   a = a.contiguous();
   b = b.contiguous();
   switch (a.scalar_type()) {
-    case at::kFloat: lora_deltas<float, float>(xc, a, b, scale, rank, seg, acc); break;
-    case at::kDouble: lora_deltas<double, double>(xc, a, b, scale, rank, seg, acc); break;
-    case at::kBFloat16: lora_deltas<cpu::bf16_t, float>(xc, a, b, scale, rank, seg, acc); break;
-    case at::kHalf: lora_deltas<cpu::fp16_t, float>(xc, a, b, scale, rank, seg, acc); break;
+    case at::kFloat: lora_deltas<float, float>(xc, a, b, scale, rank, seg, one_per_row, acc); break;
+    case at::kDouble: lora_deltas<double, double>(xc, a, b, scale, rank, seg, one_per_row, acc); break;
+    case at::kBFloat16: lora_deltas<cpu::bf16_t, float>(xc, a, b, scale, rank, seg, one_per_row, acc); break;
+    case at::kHalf: lora_deltas<cpu::fp16_t, float>(xc, a, b, scale, rank, seg, one_per_row, acc); break;
     default: TORCH_CHECK(false, kOp, ": unsupported LoRA bank dtype ", a.scalar_type());
   }
 }
@@ -320,7 +331,7 @@ at::Tensor adapter_linear_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const at::Tensor xc = x.to(cdt).contiguous();
   at::Tensor acc = at::linear(xc, weight.to(cdt), bias.has_value() ? std::optional<at::Tensor>(bias->to(cdt)) : bias)
                        .contiguous();
-  if (lora.pairs() > 0) lora_part(xc, lora_a, lora_b, lora_scale, lora_rank, lora, acc);
+  if (lora.pairs() > 0) lora_part(xc, lora_a, lora_b, lora_scale, lora_rank, lora, lora_ids.size(1) == 1, acc);
   if (lokr.pairs() > 0) lokr_part(xc, lokr_w1, lokr_w2, lokr_scale, lokr_ids, lokr, acc);
   return cdt == xt ? acc : acc.to(xt);
 }

@@ -73,6 +73,12 @@ SWEEP = {
     "m1": dict(m=1, in_features=300, out_features=260, lora_ranks=(16,), base_fraction=0.0),
     "no_bias": dict(m=12, in_features=70, out_features=90, lora_ranks=(6, 16), bias=False),
     "empty_lora_bank": dict(m=8, in_features=40, out_features=48, lora_ranks=(), lokr_count=2),
+    # large enough for the threaded paths: two-stage LoRA, fused per-segment LoRA (many adapters), LoKr rows
+    "threaded_one_adapter": dict(m=64, in_features=2049, out_features=2048, lora_ranks=(16,), base_fraction=0.0),
+    "threaded_multi_tenant": dict(
+        m=128, in_features=2048, out_features=1030, lora_ranks=(16, 16, 16, 16, 16, 8, 12, 1), base_fraction=0.1
+    ),
+    "threaded_lokr": dict(m=80, in_features=1024, out_features=1024, lora_ranks=(), lokr_count=3),
 }
 
 
