@@ -252,9 +252,12 @@ class AdapterPool:
             path = os.fspath(src)
             if not os.path.isdir(path):
                 raise ValueError(f"adapter {name!r}: can't find adapter directory '{path}'")
-            config = PeftConfig.from_pretrained(path)
-            source = checkpoint.weights_file(path)
-            weights = checkpoint.load_weights(source)
+            try:
+                config = PeftConfig.from_pretrained(path)
+                source = checkpoint.weights_file(path)
+                weights = checkpoint.load_weights(source)
+            except ValueError as exc:
+                raise ValueError(f"adapter {name!r}: {exc}") from exc
         else:
             raise TypeError(f"adapter {name!r}: expected a directory path or (config, state_dict), got {type(src)}")
         config.check_supported()
