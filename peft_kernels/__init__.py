@@ -21,6 +21,7 @@ _LAZY = {
     "LoHaConfig": "peft_kernels.model.config",
     "LoKrConfig": "peft_kernels.model.config",
     "FusedAdapterLinear": "peft_kernels.layers.fused_linear",
+    "AdapterPool": "peft_kernels.serving.pool",
 }
 
 __all__ = ["__version__", "ext_available", "backend_info", *_LAZY]
