@@ -94,7 +94,8 @@ PEFT_KERNELS_DECLARE_ISA(base)
 PEFT_KERNELS_DECLARE_ISA(avx2)
 #undef PEFT_KERNELS_DECLARE_ISA
 
-// True when the AVX2+FMA build of the kernels can run on this CPU (always false on non-x86).
+// True when the AVX2+FMA build of the kernels can run on this CPU (always false on non-x86) and the environment
+// does not ask for the baseline build (PEFT_KERNELS_CPU_ISA=base).
 bool use_avx2();
 
 }  // namespace cpu

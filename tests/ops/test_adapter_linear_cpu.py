@@ -9,6 +9,8 @@ missing kernel is a failure.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -178,3 +180,23 @@ def test_dispatch_selects_cpu_backend() -> None:
 def test_opcheck() -> None:
     case = make_case(m=6, in_features=20, out_features=12, lora_ranks=(2, 4), lokr_count=2).to(torch.float32)
     torch.library.opcheck(torch.ops.peft_kernels.adapter_linear.default, case.args())
+
+
+_BASELINE_SCRIPT = """
+import torch
+from tests.ops.test_adapter_linear_cpu import SWEEP, check, make_case
+for name in ("odd127", "mixed_ranks", "loha", "lokr_right_first", "lora_and_lokr_multi", "threaded_multi_tenant"):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        check(make_case(**SWEEP[name], seed=len(name)), dtype, msg=name)
+print("baseline-ok")
+"""
+
+
+def test_baseline_isa_build() -> None:
+    """The kernels compiled for the baseline ISA (used on CPUs without AVX2/FMA) give the same answers."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PEFT_KERNELS_CPU_ISA": "base", "PYTHONPATH": root}
+    proc = subprocess.run(
+        [sys.executable, "-c", _BASELINE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "baseline-ok" in proc.stdout, proc.stderr[-3000:]
