@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.model import helpers
 
@@ -16,6 +17,15 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.filterwarnings("ignore::RuntimeWarning"))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threading only adds overhead (and thrashes on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def oracle():
     return helpers.ORACLE
@@ -24,14 +34,3 @@ def oracle():
 @pytest.fixture
 def subject():
     return helpers.SUBJECT
-
-
-@pytest.fixture
-def saved_lora_two(tmp_path):
-    """A LoRA ``default`` plus ``second`` (different rank and targets) saved by the real peft on the tiny Llama."""
-    adapters = {
-        "default": ("lora", {"r": 4, "lora_alpha": 8}),
-        "second": ("lora", {"r": 2, "lora_alpha": 6, "target_modules": ["q_proj", "k_proj", "down_proj"]}),
-    }
-    root = helpers.save_with_peft(tmp_path / "lora_two", "llama", adapters)
-    return root, adapters

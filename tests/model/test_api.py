@@ -325,3 +325,61 @@ def test_counts_after_from_pretrained(tmp_path, capsys):
         ours = capsys.readouterr().out
         oracle.print_trainable_parameters()
         assert ours == capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# default init, merged + disabled, selective merge_and_unload, half-precision base
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ptype", ["lora", "loha", "lokr"])
+def test_default_init_is_a_no_op(ptype):
+    """PEFT's default init makes a new adapter a no-op (LoRA B = 0, LoHa w2_b = 0, LoKr w1 = 0)."""
+    cls = {"lora": "LoraConfig", "loha": "LoHaConfig", "lokr": "LoKrConfig"}[ptype]
+    cfg = getattr(SUBJECT, cls)(target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM", r=4)
+    subject = SUBJECT.get_peft_model(make_base("llama"), cfg).eval()
+    inputs = make_inputs("llama")
+    assert_close(run(subject, inputs), run(make_base("llama"), inputs))
+
+
+def test_disable_adapter_while_merged(tmp_path):
+    subject, oracle = twins(tmp_path, "llama", {"default": _LOKR})
+    inputs = make_inputs("llama")
+    subject.merge_adapter()
+    oracle.merge_adapter()
+    with oracle.disable_adapter():
+        expected = run(oracle, inputs)
+    with subject.disable_adapter():
+        got = run(subject, inputs)
+    assert_close(got, expected)
+    assert_close(got, run(make_base("llama"), inputs))
+
+
+@pytest.mark.parametrize("ptype", ["lora", "lokr"])
+def test_merge_and_unload_selected_adapters(tmp_path, ptype):
+    subject, oracle = twins(tmp_path, "llama", TWO_ADAPTERS[ptype])
+    inputs = make_inputs("llama")
+    expected = run(oracle.merge_and_unload(adapter_names=["second"]), inputs)
+    assert_close(run(subject.merge_and_unload(adapter_names=["second"]), inputs), expected)
+
+
+@pytest.mark.parametrize("ptype", ["lora", "loha", "lokr"])
+def test_bf16_base_model(tmp_path, ptype):
+    """Adapters on a bf16 base: PEFT keeps adapter weights in fp32 (autocast_adapter_dtype) and returns bf16."""
+    from tests.model.helpers import adapter_dir, save_with_peft
+
+    spec = {"lora": ("lora", {"r": 4, "lora_alpha": 8}), "loha": _LOHA, "lokr": _LOKR}[ptype]
+    root = save_with_peft(tmp_path / "saved", "llama", {"default": spec})
+    subject = SUBJECT.PeftModel.from_pretrained(
+        make_base("llama").to(torch.bfloat16), str(adapter_dir(root, "default"))
+    )
+    oracle = ORACLE.PeftModel.from_pretrained(make_base("llama").to(torch.bfloat16), str(adapter_dir(root, "default")))
+    inputs = make_inputs("llama")
+    got, expected = run(subject, inputs), run(oracle, inputs)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert_close(got, expected)
+    s_dtypes = {
+        n: p.dtype for n, p in subject.named_parameters() if any(t in n for t in (".lora_", ".hada_", ".lokr_"))
+    }
+    o_dtypes = {n: p.dtype for n, p in oracle.named_parameters() if any(t in n for t in (".lora_", ".hada_", ".lokr_"))}
+    assert s_dtypes == o_dtypes

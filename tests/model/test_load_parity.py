@@ -55,6 +55,47 @@ LOAD_CASES = [
         ),
     ),
     ("llama-lora-all-linear", "llama", ("lora", {"r": 4, "lora_alpha": 4, "target_modules": "all-linear"})),
+    # PEFT resolves rank/alpha patterns by FIRST match in key order (not the most specific key)
+    (
+        "llama-lora-pattern-first-match",
+        "llama",
+        (
+            "lora",
+            {
+                "r": 4,
+                "lora_alpha": 8,
+                "rank_pattern": {".*q_proj": 3, "model.layers.1.self_attn.q_proj": 5},
+                "alpha_pattern": {r"layers\.1\..*": 2},
+            },
+        ),
+    ),
+    (
+        "llama-lora-suffix-targets-exclude",
+        "llama",
+        (
+            "lora",
+            {
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": ["self_attn.q_proj", "mlp.up_proj", "v_proj"],
+                "exclude_modules": ["model.layers.0.self_attn.v_proj"],
+            },
+        ),
+    ),
+    (
+        "llama-lora-layers_pattern-int",
+        "llama",
+        (
+            "lora",
+            {
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": ["q_proj", "down_proj"],
+                "layers_to_transform": 1,
+                "layers_pattern": "layers",
+            },
+        ),
+    ),
     ("llama-lora-dropout-in-eval", "llama", ("lora", {"r": 4, "lora_alpha": 8, "lora_dropout": 0.3})),
     ("gpt2-lora-conv1d", "gpt2", ("lora", {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"]})),
     (
@@ -81,6 +122,24 @@ LOAD_CASES = [
         ),
     ),
     ("llama-loha-layers_to_transform", "llama", ("loha", {"r": 2, "alpha": 4, "layers_to_transform": [0]})),
+    (
+        "llama-loha-pattern-first-match",
+        "llama",
+        ("loha", {"r": 4, "alpha": 4, "rank_pattern": {".*q_proj": 2, "model.layers.1.self_attn.q_proj": 6}}),
+    ),
+    (
+        "llama-lokr-regex-exclude",
+        "llama",
+        (
+            "lokr",
+            {
+                "r": 2,
+                "alpha": 4,
+                "target_modules": r".*(q|v|up)_proj",
+                "exclude_modules": r".*layers\.1\.self_attn\.v_proj",
+            },
+        ),
+    ),
     ("bert_cls-loha", "bert_cls", ("loha", {"r": 4, "alpha": 4, "target_modules": ["query", "key", "value", "dense"]})),
     ("llama-lokr-full-factors", "llama", ("lokr", {"r": 8, "alpha": 16, "target_modules": _LOKR_TARGETS})),
     ("llama-lokr-r2-lowrank-w2", "llama", ("lokr", {"r": 2, "alpha": 4, "target_modules": _LOKR_TARGETS})),

@@ -249,3 +249,12 @@ def test_row_by_row_oracle_agrees_with_peft_lora(tmp_path):
     assert_close(
         row_by_row(oracle, inputs, NAMES, lambda m, row: run(m, row)), run(oracle, inputs, adapter_names=NAMES)
     )
+
+
+def test_lora_mixed_batch_beam_search(tmp_path):
+    """PEFT repeats each row's adapter name ``num_beams`` times for beam search."""
+    subject, oracle = twins(tmp_path, "llama", LORA_SETS["llama"])
+    inputs = _batch("llama")
+    expected = generate(oracle, inputs, adapter_names=NAMES, num_beams=2)
+    got = generate(subject, inputs, adapter_names=NAMES, num_beams=2)
+    assert torch.equal(got, expected), f"{got}\n{expected}"

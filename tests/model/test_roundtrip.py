@@ -47,6 +47,20 @@ RT_CASES = [
             },
         ),
     ),
+    (
+        "llama-lora-pattern-first-match-exclude",
+        "llama",
+        (
+            "lora",
+            {
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": ["q_proj", "v_proj"],
+                "exclude_modules": ["model.layers.0.self_attn.v_proj"],
+                "rank_pattern": {".*q_proj": 3, "model.layers.1.self_attn.q_proj": 5},
+            },
+        ),
+    ),
     ("llama-lora-regex", "llama", ("lora", {"r": 4, "lora_alpha": 8, "target_modules": _REGEX})),
     (
         "llama-lora-layers_to_transform",

@@ -294,3 +294,39 @@ def test_unknown_config_keys_are_ignored_like_peft(tmp_path):
     oracle = ORACLE.PeftModel.from_pretrained(make_base("llama"), str(root))
     inputs = make_inputs("llama")
     assert_close(run(subject, inputs), run(oracle, inputs))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options outside the fused path: either refused with an error naming them (model unchanged) or exact
+# ---------------------------------------------------------------------------------------------------------------------
+
+REFUSE_OR_EXACT = [
+    (
+        "lora-embed_tokens",
+        "llama",
+        ("lora", {"r": 4, "target_modules": ["embed_tokens", "q_proj"]}),
+        r"embed|Embedding",
+    ),
+    ("lora_bias", "llama", ("lora", {"r": 4, "lora_bias": True}), r"lora_bias"),
+    ("bias-lora_only", "bert_cls", ("lora", {"r": 4, "bias": "lora_only"}), r"bias"),
+    ("bias-all", "bert_cls", ("lora", {"r": 4, "bias": "all"}), r"bias"),
+    ("loha-module_dropout", "llama", ("loha", {"r": 2, "module_dropout": 0.5, "rank_dropout": 0.5}), r"dropout"),
+]
+
+
+@pytest.mark.parametrize("case_id,kind,spec,match", REFUSE_OR_EXACT, ids=[c[0] for c in REFUSE_OR_EXACT])
+def test_refused_or_exact(tmp_path, case_id, kind, spec, match):
+    root = save_with_peft(tmp_path / "saved", kind, {"default": spec})
+    if kind == "bert_cls":  # make the saved base biases differ from the fresh model's
+        _rewrite(root, lambda t: t.update({k: v + 0.1 for k, v in t.items() if k.endswith(".bias")}))
+    oracle = ORACLE.PeftModel.from_pretrained(make_base(kind), str(root))
+    model = make_base(kind)
+    snap = snapshot(model)
+    try:
+        subject = SUBJECT.PeftModel.from_pretrained(model, str(root))
+    except _ERRORS as err:
+        assert re.search(match, str(err), re.IGNORECASE), f"error does not name {match!r}: {err}"
+        assert_unchanged(model, snap)
+        return
+    inputs = make_inputs(kind)
+    assert_close(run(subject, inputs), run(oracle, inputs))
