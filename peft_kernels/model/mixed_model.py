@@ -10,14 +10,14 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
-
-from peft_kernels.model.config import PeftConfig
-from peft_kernels.model.peft_model import PeftModel, _read_adapter
+from peft_kernels.model.peft_model import PeftModel
 
 
 class PeftMixedModel(PeftModel):
-    """Mirrors ``peft.PeftMixedModel``: adapters of different types, ``set_adapter([...])`` activates several."""
+    """Mirrors ``peft.PeftMixedModel``: adapters of different types, ``set_adapter([...])`` activates several.
+
+    ``from_pretrained`` is PeftModel's (it builds ``cls``), so it returns a PeftMixedModel.
+    """
 
     _mixed = True
 
@@ -30,24 +30,6 @@ class PeftMixedModel(PeftModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(f"Saving is not supported for {type(self).__name__} (yet).")
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: str | os.PathLike,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        config: PeftConfig | None = None,
-        **kwargs: Any,
-    ) -> PeftMixedModel:
-        _, config, weights, source = _read_adapter(model_id, config, is_trainable, kwargs.get("subfolder"))
-        mixed = cls.__new__(cls)
-        nn.Module.__init__(mixed)
-        mixed._init(model, config, adapter_name, kwargs.get("autocast_adapter_dtype", True), weights, source)
-        if not is_trainable:
-            mixed.eval()
-        return mixed
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         super().load_adapter(model_id, adapter_name, *args, **kwargs)
