@@ -61,6 +61,23 @@ def _llama() -> nn.Module:
     )
 
 
+def _llama_odd() -> nn.Module:
+    """Sizes with awkward factorizations for LoKr: 48 = 6*8, 84 = 7*12, 24 = 4*6 (k/v out), vocab 128."""
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=84,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    )
+
+
 def _gpt2() -> nn.Module:
     return GPT2LMHeadModel(
         GPT2Config(
@@ -102,23 +119,31 @@ def _bert() -> nn.Module:
 
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "llama": _llama,
+    "llama_odd": _llama_odd,
     "gpt2": _gpt2,
     "bert_cls": _bert_cls,
     "bert": _bert,
 }
 
 # The PEFT task type of each model kind (None: plain PeftModel, no task head).
-TASK_TYPE: dict[str, str | None] = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert_cls": "SEQ_CLS", "bert": None}
+TASK_TYPE: dict[str, str | None] = {
+    "llama": "CAUSAL_LM",
+    "llama_odd": "CAUSAL_LM",
+    "gpt2": "CAUSAL_LM",
+    "bert_cls": "SEQ_CLS",
+    "bert": None,
+}
 
 # A small default target set per model kind.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
+    "llama_odd": ["q_proj", "v_proj"],
     "gpt2": ["c_attn", "c_proj"],
     "bert_cls": ["query", "value"],
     "bert": ["query", "value"],
 }
 
-CAUSAL = ("llama", "gpt2")
+CAUSAL = ("llama", "llama_odd", "gpt2")
 
 
 def make_base(kind: str, seed: int = 0) -> nn.Module:

@@ -174,6 +174,18 @@ LOAD_CASES = [
         ),
     ),
     (
+        "llama_odd-lokr-factor3-all-linear",
+        "llama_odd",
+        ("lokr", {"r": 8, "alpha": 4, "decompose_factor": 3, "target_modules": "all-linear"}),
+    ),
+    (
+        "llama_odd-lokr-factor5-r2-decompose_both",
+        "llama_odd",
+        ("lokr", {"r": 2, "alpha": 4, "decompose_factor": 5, "decompose_both": True, "target_modules": "all-linear"}),
+    ),
+    ("llama_odd-lokr-r1-all-linear", "llama_odd", ("lokr", {"r": 1, "alpha": 1, "target_modules": "all-linear"})),
+    ("llama_odd-loha-r3-all-linear", "llama_odd", ("loha", {"r": 3, "alpha": 2, "target_modules": "all-linear"})),
+    (
         "bert-lokr-decompose_both",
         "bert",
         ("lokr", {"r": 2, "alpha": 2, "decompose_both": True, "target_modules": "all-linear"}),

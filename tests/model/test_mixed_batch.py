@@ -258,3 +258,25 @@ def test_lora_mixed_batch_beam_search(tmp_path):
     expected = generate(oracle, inputs, adapter_names=NAMES, num_beams=2)
     got = generate(subject, inputs, adapter_names=NAMES, num_beams=2)
     assert torch.equal(got, expected), f"{got}\n{expected}"
+
+
+def _left_padded(kind: str) -> dict[str, torch.Tensor]:
+    inputs = make_inputs(kind, batch=len(NAMES), seq=7, seed=11)
+    for row, pad in enumerate((0, 3, 1, 5)):
+        inputs["input_ids"][row, :pad] = 0
+        inputs["attention_mask"][row, :pad] = 0
+    return inputs
+
+
+def test_lora_mixed_batch_generate_left_padded(tmp_path):
+    subject, oracle = twins(tmp_path, "llama", LORA_SETS["llama"])
+    inputs = _left_padded("llama")
+    expected = generate(oracle, inputs, adapter_names=NAMES)
+    assert torch.equal(generate(subject, inputs, adapter_names=NAMES), expected)
+
+
+def test_lokr_mixed_batch_generate_left_padded(tmp_path):
+    subject, oracle = twins(tmp_path, "llama", LYCORIS_SETS["lokr"])
+    inputs = _left_padded("llama")
+    expected = row_by_row(oracle, inputs, NAMES, lambda m, row: generate(m, row))
+    assert torch.equal(generate(subject, inputs, adapter_names=NAMES), expected)

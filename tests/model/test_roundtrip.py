@@ -104,6 +104,18 @@ RT_CASES = [
         ),
     ),
     (
+        "llama_odd-lokr-factor3-all-linear",
+        "llama_odd",
+        ("lokr", {"r": 8, "alpha": 4, "decompose_factor": 3, "target_modules": "all-linear"}),
+    ),
+    (
+        "llama_odd-lokr-factor5-r2-decompose_both",
+        "llama_odd",
+        ("lokr", {"r": 2, "alpha": 4, "decompose_factor": 5, "decompose_both": True, "target_modules": "all-linear"}),
+    ),
+    ("llama_odd-lokr-r1-all-linear", "llama_odd", ("lokr", {"r": 1, "alpha": 1, "target_modules": "all-linear"})),
+    ("llama_odd-loha-r3-all-linear", "llama_odd", ("loha", {"r": 3, "alpha": 2, "target_modules": "all-linear"})),
+    (
         "bert-lokr-all-linear",
         "bert",
         ("lokr", {"r": 1, "alpha": 2, "decompose_both": True, "target_modules": "all-linear"}),
@@ -229,3 +241,21 @@ def test_subject_saves_and_reloads_itself(tmp_path):
         subject.set_adapter(name)
         again.set_adapter(name)
         assert_close(run(again, inputs), run(subject, inputs), msg=name)
+
+
+@pytest.mark.parametrize("ptype", ["lora", "lokr"])
+def test_bin_format_both_ways(tmp_path, ptype):
+    """``safe_serialization=False`` writes ``adapter_model.bin``; PEFT reads it when no safetensors file exists."""
+    adapters = {"default": TWO_ADAPTERS[ptype]["default"]}
+    build(ORACLE, "llama", adapters).save_pretrained(str(tmp_path / "peft"), safe_serialization=False)
+    assert (tmp_path / "peft" / "adapter_model.bin").is_file()
+    subject = SUBJECT.PeftModel.from_pretrained(make_base("llama"), str(tmp_path / "peft"))
+    oracle = ORACLE.PeftModel.from_pretrained(make_base("llama"), str(tmp_path / "peft"))
+    inputs = make_inputs("llama")
+    assert_close(run(subject, inputs), run(oracle, inputs), msg="peft .bin -> peft_kernels")
+
+    subject.save_pretrained(str(tmp_path / "pk"), safe_serialization=False)
+    assert (tmp_path / "pk" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "pk" / "adapter_model.safetensors").exists()
+    again = ORACLE.PeftModel.from_pretrained(make_base("llama"), str(tmp_path / "pk"))
+    assert_close(run(again, inputs), run(oracle, inputs), msg="peft_kernels .bin -> peft")
