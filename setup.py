@@ -53,7 +53,7 @@ def _extensions() -> tuple[list, dict]:
     # run time from the CPU's features.
     cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi", "-fdiagnostics-color=always"]  # torch adds -std=c++20
     kwargs = {
-        "include_dirs": [os.path.join(ROOT, "csrc")],
+        "include_dirs": [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],  # include/: CUDA templates
         "extra_compile_args": {"cxx": cxx_flags},
         "extra_link_args": ["-fopenmp"],
         "py_limited_api": True,
