@@ -383,3 +383,16 @@ def test_bf16_base_model(tmp_path, ptype):
     }
     o_dtypes = {n: p.dtype for n, p in oracle.named_parameters() if any(t in n for t in (".lora_", ".hada_", ".lokr_"))}
     assert s_dtypes == o_dtypes
+
+
+def test_peftmodel_constructor_like_peft(tmp_path):
+    """``PeftModel(model, config, adapter_name)`` directly (no task subclass) injects like get_peft_model."""
+    cfg_kw = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    subject = SUBJECT.PeftModel(make_base("llama"), make_config(SUBJECT, "lora", None, **cfg_kw), "first")
+    oracle = ORACLE.PeftModel(make_base("llama"), make_config(ORACLE, "lora", None, **cfg_kw), "first")
+    assert subject.get_nb_trainable_parameters() == oracle.get_nb_trainable_parameters()
+    assert trainable_names(subject) == trainable_names(oracle)
+    subject.save_pretrained(str(tmp_path / "pk"))
+    again = ORACLE.PeftModel.from_pretrained(make_base("llama"), str(tmp_path / "pk" / "first"), adapter_name="first")
+    inputs = make_inputs("llama")
+    assert_close(run(subject.eval(), inputs), run(again, inputs))

@@ -225,6 +225,8 @@ def test_mixed_model_mixed_batch(tmp_path):
         return first
 
     subject, oracle = load_mixed(SUBJECT), load_mixed(ORACLE)
+    # a row uses exactly the adapter it names, whatever is globally active (PEFT LoRA semantics)
+    subject.set_adapter(["lora", "loha", "lokr"])
     names = ["lokr", "__base__", "lora", "loha", "lokr"]
     inputs = make_inputs("llama", batch=len(names), seq=6, seed=9)
     expected = row_by_row(oracle, inputs, names, lambda m, row: run(m, row))
@@ -280,3 +282,11 @@ def test_lokr_mixed_batch_generate_left_padded(tmp_path):
     inputs = _left_padded("llama")
     expected = row_by_row(oracle, inputs, NAMES, lambda m, row: generate(m, row))
     assert torch.equal(generate(subject, inputs, adapter_names=NAMES), expected)
+
+
+def test_adapter_names_override_several_active(tmp_path):
+    subject, oracle = twins(tmp_path, "gpt2", LORA_SETS["gpt2"])
+    subject.base_model.set_adapter(["a", "b"])
+    oracle.base_model.set_adapter(["a", "b"])
+    inputs = _batch("gpt2")
+    assert_close(run(subject, inputs, adapter_names=NAMES), run(oracle, inputs, adapter_names=NAMES))

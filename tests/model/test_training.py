@@ -135,3 +135,28 @@ def test_set_adapter_moves_trainability_like_peft(tmp_path, ptype):
     oracle.set_adapter("second")
     assert trainable_names(subject) == trainable_names(oracle)
     _compare_grads(subject, oracle, "llama", make_inputs("llama"))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ("lora", {"r": 4, "lora_alpha": 8, "lora_dropout": 1.0}),
+        ("loha", {"r": 4, "alpha": 8, "module_dropout": 1.0}),
+        ("lokr", {"r": 2, "alpha": 4, "module_dropout": 1.0}),
+    ],
+    ids=["lora-dropout1", "loha-module_dropout1", "lokr-module_dropout1"],
+)
+def test_dropout_one_in_training_drops_the_adapter(tmp_path, spec):
+    """Deterministic dropout extremes: in train mode, lora_dropout=1 zeros the LoRA input and module_dropout=1 never
+    applies a LoHa/LoKr adapter (PEFT: ``torch.rand(1) > module_dropout``), so the output is the base output; in eval
+    both are identities."""
+    subject, oracle = twins(tmp_path, "llama", {"default": spec}, is_trainable=True)
+    inputs = make_inputs("llama")
+    base = run(make_base("llama"), inputs)
+    subject.train()
+    oracle.train()
+    assert_close(run(oracle, inputs), base, msg="oracle (sanity)")
+    assert_close(run(subject, inputs), base, msg="train mode")
+    subject.eval()
+    oracle.eval()
+    assert_close(run(subject, inputs), run(oracle, inputs), msg="eval mode")
