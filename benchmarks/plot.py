@@ -49,7 +49,12 @@ def _plain_log_y(ax) -> None:
 
     fmt = FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(fmt)
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else ""))
+
+    def minor(v: float, _) -> str:  # label 2, 3, 5 of each decade; every minor tick on a narrow axis
+        lo, hi = ax.get_ylim()
+        return f"{v:.2g}" if hi / max(lo, 1e-12) < 4 or f"{v:g}"[0] in "235" else ""
+
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _grid(plt, records: list[dict], select, value: str, title: str, meta: dict, target: float | None, path: str):
