@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "cpu/adapter_kernels.h"
@@ -25,15 +26,25 @@ namespace {
 
 constexpr const char* kOp = "adapter_linear";
 
-// Work (multiply-adds) below which a stage runs on the calling thread: forking the OpenMP team costs more than it
-// saves there, and far more when the cores are shared with other processes.
-constexpr int64_t kMinParallelWork = int64_t{1} << 21;
+// Work (multiply-adds) below which a stage runs on the calling thread. Measured on 2 shared cores (benchmarks/
+// cpu_targets.py, interleaved medians): with the deltas of LoHa r=8 at M=16 on 4096x4096 (8M multiply-adds) or of
+// 32 LoRA adapters on 64 rows of 2048x2048 (4M) run serially, ours/base was 1.03 / 1.02-1.08; forking the OpenMP
+// team for them gave 1.19-1.22 / 1.20-1.23, because a team on busy cores waits for its slowest thread. Deltas are a
+// few percent of the base GEMM, so only large ones (M ~ 256, >= 16M multiply-adds, ~1 ms on one core) are split.
+// PEFT_KERNELS_CPU_MIN_PARALLEL_WORK overrides it (read once; for tuning).
+int64_t min_parallel_work() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("PEFT_KERNELS_CPU_MIN_PARALLEL_WORK");
+    return env != nullptr && *env != '\0' ? std::max<int64_t>(1, std::atoll(env)) : int64_t{1} << 24;
+  }();
+  return value;
+}
 
 // at::parallel_for grain for `items` items of `work` multiply-adds in total.
 int64_t grain_for(int64_t items, int64_t work) {
   if (items <= 0 || work <= 0) return 1;
   const int64_t per_item = std::max<int64_t>(1, work / items);
-  return std::max<int64_t>(1, kMinParallelWork / per_item);
+  return std::max<int64_t>(1, min_parallel_work() / per_item);
 }
 
 // Raise unless every id is in [-1, num_slots); -1 means "no adapter at this position" and is never an index.
@@ -204,7 +215,7 @@ void lora_deltas(const at::Tensor& xc, const at::Tensor& a, const at::Tensor& b,
   g.y = acc.mutable_data_ptr<Acc>();
   g.ldy = acc.stride(0);
   const bool avx2 = cpu::use_avx2();
-  const int64_t threads_needed = std::min<int64_t>(threads, (shrink_work + expand_work) / kMinParallelWork);
+  const int64_t threads_needed = std::min<int64_t>(threads, (shrink_work + expand_work) / min_parallel_work());
   if (one_per_row && G >= 2 * threads && threads_needed > 1) {
     // Multi-tenant batch: one parallel region over segments, each doing its shrink then its expand.
     at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {

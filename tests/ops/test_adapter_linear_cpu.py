@@ -75,7 +75,8 @@ SWEEP = {
     "m1": dict(m=1, in_features=300, out_features=260, lora_ranks=(16,), base_fraction=0.0),
     "no_bias": dict(m=12, in_features=70, out_features=90, lora_ranks=(6, 16), bias=False),
     "empty_lora_bank": dict(m=8, in_features=40, out_features=48, lora_ranks=(), lokr_count=2),
-    # large enough for the threaded paths: two-stage LoRA, fused per-segment LoRA (many adapters), LoKr rows
+    # large: with PEFT_KERNELS_CPU_MIN_PARALLEL_WORK=1 (test_kernel_variants_in_subprocess) they take the threaded
+    # paths: two-stage LoRA, one region over segments (many adapters, one position per row), LoKr over rows
     "threaded_one_adapter": dict(m=64, in_features=2049, out_features=2048, lora_ranks=(16,), base_fraction=0.0),
     "threaded_multi_tenant": dict(
         m=128, in_features=2048, out_features=1030, lora_ranks=(16, 16, 16, 16, 16, 8, 12, 1), base_fraction=0.1
@@ -182,21 +183,32 @@ def test_opcheck() -> None:
     torch.library.opcheck(torch.ops.peft_kernels.adapter_linear.default, case.args())
 
 
-_BASELINE_SCRIPT = """
-import torch
+_SUBPROCESS_SCRIPT = """
+import os, torch
 from tests.ops.test_adapter_linear_cpu import SWEEP, check, make_case
-for name in ("odd127", "mixed_ranks", "loha", "lokr_right_first", "lora_and_lokr_multi", "threaded_multi_tenant"):
-    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+names = ["odd127", "mixed_ranks", "loha", "lokr_right_first", "lora_and_lokr_multi", "two_per_row", "m1"]
+if os.environ.get("PEFT_KERNELS_CPU_MIN_PARALLEL_WORK") == "1":
+    names += ["threaded_one_adapter", "threaded_multi_tenant", "threaded_lokr"]
+for name in names:
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
         check(make_case(**SWEEP[name], seed=len(name)), dtype, msg=name)
-print("baseline-ok")
+print("subprocess-ok")
 """
 
+# Settings read once per process by the kernel, so each runs the sweep in a fresh interpreter.
+_SUBPROCESS_ENV = {
+    # the kernels compiled for the baseline ISA (CPUs without AVX2/FMA)
+    "baseline_isa": {"PEFT_KERNELS_CPU_ISA": "base"},
+    # every stage threaded, whatever its size (the default keeps small deltas on the calling thread)
+    "always_threaded": {"PEFT_KERNELS_CPU_MIN_PARALLEL_WORK": "1"},
+}
 
-def test_baseline_isa_build() -> None:
-    """The kernels compiled for the baseline ISA (used on CPUs without AVX2/FMA) give the same answers."""
+
+@pytest.mark.parametrize("setting", list(_SUBPROCESS_ENV))
+def test_kernel_variants_in_subprocess(setting: str) -> None:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PEFT_KERNELS_CPU_ISA": "base", "PYTHONPATH": root}
+    env = {**os.environ, **_SUBPROCESS_ENV[setting], "PYTHONPATH": root}
     proc = subprocess.run(
-        [sys.executable, "-c", _BASELINE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _SUBPROCESS_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
-    assert proc.returncode == 0 and "baseline-ok" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "subprocess-ok" in proc.stdout, proc.stderr[-3000:]
