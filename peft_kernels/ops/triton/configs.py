@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
+
+from peft_kernels import env
 
 # Every block size is a power of two; tl.dot needs every dimension of its operands >= 16.
 _GPU: dict[str, dict] = {
@@ -79,4 +80,4 @@ def _load(profile: str, path: str | None) -> dict:
 
 def get_config(interpreter: bool) -> dict:
     """The launch configuration in force: the profile for this device kind, with the JSON override merged in."""
-    return _load("interpreter" if interpreter else "gpu", os.environ.get(CONFIG_ENV) or None)
+    return _load("interpreter" if interpreter else "gpu", env.triton_config_path())
