@@ -11,7 +11,7 @@ import torch
 
 from peft_kernels import _extension
 
-__all__ = ["adapter_linear", "op_available"]
+__all__ = ["adapter_linear", "kernel_unavailable_reason", "op_available"]
 
 _OP_NAME = "peft_kernels::adapter_linear"
 _fake_registered = False
@@ -23,6 +23,21 @@ def op_available() -> bool:
         return False
     _register_fake()
     return True
+
+
+def kernel_unavailable_reason(device: torch.device | str, dispatch_key: str) -> str | None:
+    """None when ``_C`` has the adapter_linear kernel for ``dispatch_key`` ("CPU"/"CUDA") and ``device`` is of that
+    type, otherwise why not. Never initialises CUDA."""
+    device = torch.device(device)
+    backend = dispatch_key.lower()
+    if device.type != backend:
+        return f"the {backend} backend runs on {dispatch_key} tensors, not {device.type}"
+    if not op_available():
+        return f"the compiled extension peft_kernels._C is not loaded ({_extension.load_error or 'op not registered'})"
+    if not _extension.has_kernel("adapter_linear", dispatch_key):
+        why = " (CPU-only torch or no CUDA toolkit at build time)" if dispatch_key == "CUDA" else ""
+        return f"peft_kernels._C was built without the {dispatch_key} kernel of adapter_linear{why}"
+    return None
 
 
 def _register_fake() -> None:
