@@ -422,6 +422,10 @@ class FusedAdapterLinear(nn.Module):
             return self.bank_source(dtype, device)
         if differentiable:
             return self._build_bank(dtype, device)
+        if torch.compiler.is_compiling() and self._bank is not None and self._bank[0][:2] == (dtype, device):
+            # Under torch.compile the change check (data pointers, versions) would break the graph; a compiled
+            # inference graph assumes fixed adapters: recompile (or torch._dynamo.reset()) after changing them.
+            return self._bank[1]
         key = self._bank_key(dtype, device)
         if self._bank is None or self._bank[0] != key:
             with torch.no_grad():

@@ -38,11 +38,16 @@ class BackendUnavailableError(RuntimeError):
     """A backend was forced (``PEFT_KERNELS_BACKEND`` or ``backend=``) that cannot run on these tensors."""
 
 
+_modules: dict[str, ModuleType | None] = {}
+
+
 def _backend_module(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(_BACKEND_MODULES[name])
-    except ImportError:
-        return None
+    if name not in _modules:  # imported once; a plain dict lookup afterwards keeps torch.compile graphs whole
+        try:
+            _modules[name] = importlib.import_module(_BACKEND_MODULES[name])
+        except ImportError:
+            _modules[name] = None
+    return _modules[name]
 
 
 _reasons: dict[tuple, str | None] = {}
