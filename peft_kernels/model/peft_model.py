@@ -259,7 +259,11 @@ class PeftModel(nn.Module):
         key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Load another adapter (inactive until ``set_adapter``). On any error the model is left as it was."""
+        """Load another adapter (inactive until ``set_adapter``). On any error the model is left as it was.
+
+        Unlike PEFT, loading under a name that already exists raises instead of overwriting that adapter's weights
+        in place: ``delete_adapter`` it first.
+        """
         _, config, weights, source = _read_adapter(model_id, None, is_trainable, kwargs.get("subfolder"))
         self._add(adapter_name, config, weights, source, autocast_adapter_dtype)
         if is_trainable:  # PEFT: a trainable load is trainable even while inactive
