@@ -261,11 +261,14 @@ class PeftModel(nn.Module):
     ) -> None:
         """Load another adapter (inactive until ``set_adapter``). On any error the model is left as it was.
 
-        Unlike PEFT, loading under a name that already exists raises instead of overwriting that adapter's weights
-        in place: ``delete_adapter`` it first.
+        Loading under a name that already exists overwrites that adapter's weights in place, as PEFT does (its
+        config stays); the file must then have exactly the adapter's keys and shapes.
         """
         _, config, weights, source = _read_adapter(model_id, None, is_trainable, kwargs.get("subfolder"))
-        self._add(adapter_name, config, weights, source, autocast_adapter_dtype)
+        if adapter_name in self.peft_config:
+            self.base_model.load_weights(adapter_name, weights, source)
+        else:
+            self._add(adapter_name, config, weights, source, autocast_adapter_dtype)
         if is_trainable:  # PEFT: a trainable load is trainable even while inactive
             self.base_model.set_requires_grad(adapter_name)
         else:

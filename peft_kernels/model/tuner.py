@@ -401,6 +401,14 @@ class AdapterModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    def load_weights(self, adapter_name: str, weights: dict[str, torch.Tensor], source: str = "") -> None:
+        """Overwrite an existing adapter's tensors from PEFT checkpoint keys; every key and shape is checked first."""
+        current = self.adapter_state_dict(adapter_name)
+        checkpoint.check_weights(source, weights, {k: tuple(t.shape) for k, t in current.items()}, adapter_name)
+        with torch.no_grad():
+            for k, t in current.items():
+                t.copy_(weights[k])
+
     # ------------------------------------------------------------------------------------------------ saving
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Adapter ``adapter_name`` under PEFT's checkpoint keys."""
