@@ -271,18 +271,28 @@ void lokr_deltas(const at::Tensor& xc, const at::Tensor& w1_bank, const at::Tens
   const auto cdt = xc.scalar_type();
   const int64_t T = w1_bank.size(0);
   const int64_t a = w1_bank.size(1), b = w1_bank.size(2), c = w2_bank.size(1), d = w2_bank.size(2);
-  // Only the used slots' factors, in the compute type; w2 transposed so both GEMMs read rows.
-  at::Tensor used = at::empty({seg.size()}, at::kLong);
-  for (int64_t i = 0; i < seg.size(); ++i) used.mutable_data_ptr<int64_t>()[i] = seg.slot[i];
-  const at::Tensor w1 = w1_bank.index_select(0, used).to(cdt).contiguous();
-  const at::Tensor w2t = w2_bank.index_select(0, used).to(cdt).transpose(1, 2).contiguous();
+  // The factors in the compute type, w2 transposed so both GEMMs read rows. A bank already in the compute type is
+  // used in place and only w2 is transposed (one copy); otherwise only the used slots are gathered and converted.
+  // Measured at 256x688, M=8: the gather path cost ~100 us per call, most of the op's fixed cost.
+  const bool in_place = w1_bank.scalar_type() == cdt && w2_bank.scalar_type() == cdt && w1_bank.is_contiguous();
+  at::Tensor w1, w2t;
+  if (in_place) {
+    w1 = w1_bank;
+    w2t = w2_bank.transpose(1, 2).contiguous();
+  } else {
+    at::Tensor used = at::empty({seg.size()}, at::kLong);
+    for (int64_t i = 0; i < seg.size(); ++i) used.mutable_data_ptr<int64_t>()[i] = seg.slot[i];
+    w1 = w1_bank.index_select(0, used).to(cdt).contiguous();
+    w2t = w2_bank.index_select(0, used).to(cdt).transpose(1, 2).contiguous();
+  }
   const at::Tensor scale64 = scale.to(at::kDouble).contiguous();
   std::vector<const Acc*> w1_of(T, nullptr), w2t_of(T, nullptr);
   std::vector<Acc> scale_of(T, Acc(0));
   for (int64_t i = 0; i < seg.size(); ++i) {
     const int64_t t = seg.slot[i];
-    w1_of[t] = w1.const_data_ptr<Acc>() + i * a * b;
-    w2t_of[t] = w2t.const_data_ptr<Acc>() + i * d * c;
+    const int64_t at_ = in_place ? t : i;  // index of slot t in w1 / w2t
+    w1_of[t] = w1.const_data_ptr<Acc>() + at_ * a * b;
+    w2t_of[t] = w2t.const_data_ptr<Acc>() + at_ * d * c;
     scale_of[t] = static_cast<Acc>(scale64.const_data_ptr<double>()[t]);
   }
   const at::Tensor ids_c = ids.contiguous();
