@@ -47,27 +47,11 @@ cudaError_t launch_expand(const LoraExpandArgs& args, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t bgmv_shrink(DType dtype, const LoraShrinkArgs& args, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_shrink<float>(args, stream);
-    case DType::kFloat16:
-      return launch_shrink<__half>(args, stream);
-    case DType::kBFloat16:
-      return launch_shrink<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) { return launch_shrink<decltype(tag)>(args, stream); });
 }
 
 cudaError_t bgmv_expand(DType dtype, const LoraExpandArgs& args, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_expand<float>(args, stream);
-    case DType::kFloat16:
-      return launch_expand<__half>(args, stream);
-    case DType::kBFloat16:
-      return launch_expand<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) { return launch_expand<decltype(tag)>(args, stream); });
 }
 
 }  // namespace peft_kernels

@@ -27,15 +27,7 @@ cudaError_t launch(const LokrArgs& args, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t lokr_apply(DType dtype, const LokrArgs& args, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch<float>(args, stream);
-    case DType::kFloat16:
-      return launch<__half>(args, stream);
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) { return launch<decltype(tag)>(args, stream); });
 }
 
 }  // namespace peft_kernels

@@ -8,7 +8,23 @@
 
 #include <cstdint>
 
+#include "peft_kernels/adapter_linear.h"
+
 namespace peft_kernels {
+
+// The one dtype switch of the host launch functions: calls f(T{}) with T the element type of `dtype`.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(float{});
+    case DType::kFloat16:
+      return f(__half{});
+    case DType::kBFloat16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Element conversion. All arithmetic is fp32; storage is T (float, __half, __nv_bfloat16).
