@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from peft_kernels.model import checkpoint
-from peft_kernels.model.config import PeftConfig
+from peft_kernels.model.config import PEFT_FORMAT_VERSION, PeftConfig
 from peft_kernels.model.tuner import AdapterModel
 
 # PEFT's task models add their heads to modules_to_save (PeftModelForSequenceClassification & co).
@@ -220,7 +220,7 @@ class PeftModel(nn.Module):
         if base:
             lines.append(f"base_model: {base}")
         lines += ["---", "", "Adapter saved by peft_kernels in PEFT's format.", "", "### Framework versions", ""]
-        lines.append(f"- PEFT {checkpoint_format_version()}")
+        lines.append(f"- PEFT {PEFT_FORMAT_VERSION}")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -273,12 +273,6 @@ class PeftModel(nn.Module):
             self.base_model.set_requires_grad(adapter_name)
         else:
             self.eval()
-
-
-def checkpoint_format_version() -> str:
-    from peft_kernels.model.config import PEFT_FORMAT_VERSION
-
-    return PEFT_FORMAT_VERSION
 
 
 def _read_adapter(

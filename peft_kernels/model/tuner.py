@@ -84,9 +84,6 @@ class AdapterModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
 
-    def all_adapter_names(self) -> set[str]:
-        return set(self.peft_config)
-
     # ------------------------------------------------------------------------------------------------ inject
     def _plan(self, config: PeftConfig) -> list[tuple[str, nn.Module]]:
         """The modules ``config`` targets; raises (model untouched) on a module the fused layers cannot take."""
